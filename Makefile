@@ -1,0 +1,48 @@
+# Two commands matter: `make run` (the default pipeline) and `make test` (the suite CI runs).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The pipeline's default tracking store (the steps use the same default); MLFLOW_TRACKING_URI overrides.
+TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint mlproject conda-env lock clean
+
+setup: $(STAMP)
+
+# Idempotent: reruns only when a requirements file changed. torch==2.13.0 resolves to the local CPU wheel.
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $@
+
+run: setup
+	MLFLOW_TRACKING_URI=$(TRACKING_URI) $(BIN)/mlflow run . -e main --env-manager local
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check steps tests bench
+
+# MLproject is rendered from the steps' Args dataclasses (each parameter declared once).
+mlproject: setup
+	$(BIN)/python -m steps.mlproject > MLproject
+
+# conda.yaml is rendered from requirements.txt (one source of truth).
+conda-env: setup
+	$(BIN)/python -m steps.envfile > conda.yaml
+
+# conda-lock needs conda channels; it cannot run on a machine without them (see README).
+lock: setup
+	$(BIN)/conda-lock lock -f conda.yaml -p linux-64 -p osx-arm64 --lockfile conda-lock.yml
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db .pytest_cache

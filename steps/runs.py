@@ -1,0 +1,62 @@
+"""Starting and tagging step runs consistently."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from steps import artifacts
+from steps.cli import configure_tracking
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pipeline_git_commit() -> str:
+    """The pipeline's code version: the commit `mlflow run` checked out, else this checkout's HEAD.
+
+    A checkout with uncommitted changes gets a `-dirty` suffix, so the step cache never treats edited
+    code as the committed version.
+    """
+    env = os.environ.get("MLFLOW_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def args_as_params(args: object) -> dict[str, str]:
+    """Parameters as MLflow stores them: strings, booleans lower-case like the CLI accepts them."""
+    out = {}
+    for k, v in dataclasses.asdict(args).items():
+        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
+@contextlib.contextmanager
+def step_run(entry_point: str, args: object, *, nested: bool = False) -> Iterator[object]:
+    """Start (or, under `mlflow run`, resume) the step's run; an exception ends it FAILED."""
+    import mlflow
+
+    configure_tracking()
+    with mlflow.start_run(nested=nested) as run:
+        client = mlflow.MlflowClient()
+        existing = client.get_run(run.info.run_id).data.params
+        # `mlflow run` already logged the CLI parameters; log only what is not there yet.
+        mlflow.log_params({k: v for k, v in args_as_params(args).items() if k not in existing})
+        mlflow.set_tags({artifacts.STEP_TAG: entry_point,
+                         artifacts.GIT_COMMIT_TAG: pipeline_git_commit()})
+        log.info("%s: run %s (tracking %s)", entry_point, run.info.run_id, mlflow.get_tracking_uri())
+        yield run

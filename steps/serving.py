@@ -1,0 +1,293 @@
+"""The logged model: a custom `mlflow.pyfunc.PythonModel` that refers to its base instead of copying it.
+
+Why custom: with mlflow 3.17 + transformers 5.23, `mlflow.transformers` saves a PEFT model on a local
+base with LoRA-renamed base weights and reloads it with the LoRA-targeted layers randomly initialised,
+without any error (tests/test_serving.py shows it). This model instead stores
+  * `adapter/` (PEFT adapter, a few MB) or `full_model/` (a complete checkpoint, copied file by file),
+  * `base_reference.json` (the snapshot manifest: repo id + commit, or artifact URI, and every
+    file's sha256),
+  * optionally `trainer_state/` (optimizer, scheduler, RNG: finetune checkpoints, for resume),
+  * optionally `base/` (the base weights, once persist_and_register copied them in),
+and on load resolves the base from the pinned reference, checks every digest, and applies the adapter.
+
+Serving: input column `prompt` (sentences); params `temperature`, `max_new_tokens`, `do_sample`,
+`batch_size`; output columns `mr` (normalised MR, or the raw text if unparsable), `attributes`
+(JSON object slot -> value), `valid` (whether the output parsed). Generation is batched with left
+padding, so results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from steps import artifacts as names
+from steps.cache import cache_dir, publish_dir, temp_dir_beside
+from steps.errors import StepError
+from steps.manifest import Manifest, verify_dir
+
+log = logging.getLogger(__name__)
+
+STEPS_DIR = Path(__file__).resolve().parent
+# Pinned requirements written into every logged model (never inferred by loading the model:
+# inference imports torchvision, which has no CPU build here, and crashes).
+_REQUIREMENT_PACKAGES = ("mlflow", "torch", "transformers", "peft", "huggingface_hub", "safetensors",
+                         "accelerate", "pandas")
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_BATCH_SIZE = 16
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for pkg in _REQUIREMENT_PACKAGES:
+        version = metadata.version(pkg).split("+")[0]  # torch "2.13.0+cpu" -> the PyPI pin 2.13.0
+        reqs.append(f"{pkg}=={version}")
+    return reqs
+
+
+# --- resolving the pinned base -----------------------------------------------------------------
+def resolve_base(manifest: Manifest) -> Path:
+    """A local directory holding the exact base files of the manifest, digests verified."""
+    if manifest.is_hub:
+        return _resolve_hub_base(manifest)
+    return _resolve_artifact_base(manifest)
+
+
+def _resolve_hub_base(manifest: Manifest) -> Path:
+    from huggingface_hub import snapshot_download
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    try:
+        path = Path(snapshot_download(manifest.repo_id, revision=manifest.commit,
+                                      allow_patterns=[f.path for f in manifest.files],
+                                      endpoint=endpoint))
+    except Exception as err:  # huggingface_hub raises many types (HTTP, offline, not found)
+        if manifest.artifact_uri:
+            log.warning("Hub failed for %s (%s); using the artifact copy", manifest.reference(), err)
+            return _resolve_artifact_base(manifest)
+        raise StepError(f"cannot resolve base {manifest.reference()} from the Hub at {endpoint} "
+                        f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); check "
+                        "HF_ENDPOINT/HF_TOKEN, or persist the model with persist_and_register") from err
+    verify_dir(path, manifest)
+    return path
+
+
+def _resolve_artifact_base(manifest: Manifest) -> Path:
+    import mlflow
+
+    # Keyed by the manifest's digest: one local copy per pinned base, however many models use it.
+    final = cache_dir("bases", manifest.digest()[:32])
+    if not final.is_dir():
+        tmp = temp_dir_beside(final)
+        try:
+            mlflow.artifacts.download_artifacts(manifest.artifact_uri, dst_path=str(tmp))
+        except Exception as err:  # MLflow raises several types for a missing run or artifact
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StepError(f"cannot resolve base {manifest.reference()} from the artifact store "
+                            f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); the "
+                            "snapshot run's artifacts are gone: rerun download_snapshot, or use a "
+                            "model persisted by persist_and_register") from err
+        inner = tmp / Path(manifest.artifact_uri.rstrip("/")).name
+        try:
+            verify_dir(inner, manifest)
+        except StepError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(inner, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
+    verify_dir(final, manifest)
+    return final
+
+
+# --- loading and generating --------------------------------------------------------------------
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    # Left padding: a decoder-only model continues from the last position of each row.
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+
+
+def apply_adapter(base_model, adapter_dir: Path, *, merge: bool = True):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+    # Merging folds B@A into the frozen weights: same function, no per-layer LoRA overhead at serve time.
+    return model.merge_and_unload() if merge else model
+
+
+def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             temperature: float = 0.0, do_sample: bool = False,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+    """Batched generation with left padding; returns the decoded answers in input order."""
+    import torch
+    from transformers import GenerationConfig
+
+    from steps.e2e import format_prompt
+
+    prompts = [format_prompt(tokenizer, s) for s in sentences]
+    # Sorting by length keeps padding (wasted compute) small; the order is restored at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature if do_sample else None,
+                           top_p=None, top_k=None,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    out: list[str] = [""] * len(prompts)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        with torch.inference_mode():
+            gen = model.generate(**enc, generation_config=cfg)
+        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, t in zip(idx, texts):
+            out[i] = t.strip()
+    return out
+
+
+def _sentences(model_input: Any) -> list[str]:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "prompt" not in model_input.columns:
+            raise StepError(f"input has columns {list(model_input.columns)}; send a column 'prompt' "
+                            "with one sentence per row")
+        return [str(x) for x in model_input["prompt"].tolist()]
+    if isinstance(model_input, dict):
+        v = model_input.get("prompt")
+        return [str(x) for x in (v if isinstance(v, list) else [v])]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(x) for x in model_input]
+
+
+class E2EExtractor(mlflow.pyfunc.PythonModel):
+    """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
+
+    def load_context(self, context) -> None:
+        arts = context.artifacts
+        manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
+        self.manifest = manifest
+        if names.FULL_MODEL_ARTIFACT in arts:
+            path = Path(arts[names.FULL_MODEL_ARTIFACT])
+            self.model, self.tokenizer = load_causal_lm(path), load_tokenizer(path)
+            return
+        if names.PERSISTED_BASE_ARTIFACT in arts:
+            base_dir = Path(arts[names.PERSISTED_BASE_ARTIFACT])
+            verify_dir(base_dir, manifest)
+        else:
+            base_dir = resolve_base(manifest)
+        self.tokenizer = load_tokenizer(base_dir)
+        model = load_causal_lm(base_dir)
+        if names.ADAPTER_ARTIFACT in arts:
+            model = apply_adapter(model, Path(arts[names.ADAPTER_ARTIFACT]))
+        self.model = model.eval()
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        from steps.e2e import format_mr, parse_mr
+
+        params = params or {}
+        texts = generate(
+            self.model, self.tokenizer, _sentences(model_input),
+            max_new_tokens=int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+            temperature=float(params.get("temperature", 0.0)),
+            do_sample=bool(params.get("do_sample", False)),
+            batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
+        )
+        rows = []
+        for t in texts:
+            parsed = parse_mr(t)
+            rows.append({"mr": format_mr(parsed) if parsed is not None else t,
+                         "attributes": json.dumps(parsed or {}, ensure_ascii=False),
+                         "valid": parsed is not None})
+        return pd.DataFrame(rows, columns=["mr", "attributes", "valid"])
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "mr"), ColSpec("string", "attributes"),
+                        ColSpec("boolean", "valid")]),
+        params=ParamSchema([
+            ParamSpec("temperature", "double", 0.0),
+            ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
+            ParamSpec("do_sample", "boolean", False),
+            ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
+        ]),
+    )
+
+
+INPUT_EXAMPLE_SENTENCE = ("The Punter is a high-priced coffee shop serving Chinese food near "
+                          "Café Sicilia.")
+
+
+def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = None,
+                  full_model_dir: Path | None = None, trainer_state_dir: Path | None = None,
+                  persisted_base_dir: Path | None = None, step: int = 0,
+                  tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
+                  with_input_example: bool = True):
+    """Log an `E2EExtractor` model into the active run; returns MLflow's ModelInfo.
+
+    Weights are never loaded here: the adapter / checkpoint folders are copied file by file, so memory
+    stays flat however large the model (the memory-efficient path for full checkpoints).
+    With an input example MLflow validates serving by loading the model and predicting once (seconds
+    on a small base); training checkpoints skip it (`with_input_example=False`) so logging a
+    checkpoint never stalls training on a full model load.
+    """
+    import mlflow
+    import pandas as pd
+
+    if (adapter_dir is None) == (full_model_dir is None):
+        raise ValueError("log_e2e_model needs exactly one of adapter_dir / full_model_dir")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = Path(tmp) / names.BASE_REF_ARTIFACT
+        ref.write_text(manifest.to_json())
+        arts = {names.BASE_REF_ARTIFACT: str(ref)}
+        if adapter_dir is not None:
+            arts[names.ADAPTER_ARTIFACT] = str(adapter_dir)
+        if full_model_dir is not None:
+            arts[names.FULL_MODEL_ARTIFACT] = str(full_model_dir)
+        if trainer_state_dir is not None:
+            arts[names.TRAINER_STATE_ARTIFACT] = str(trainer_state_dir)
+        if persisted_base_dir is not None:
+            arts[names.PERSISTED_BASE_ARTIFACT] = str(persisted_base_dir)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=E2EExtractor(),
+            artifacts=arts,
+            code_paths=[str(STEPS_DIR)],
+            signature=signature(),
+            input_example=(pd.DataFrame({"prompt": [INPUT_EXAMPLE_SENTENCE]})
+                           if with_input_example else None),
+            pip_requirements=pip_requirements(),
+            metadata={"base_reference": manifest.reference(), "base_source": manifest.source,
+                      "base_manifest_digest": manifest.digest()},
+            step=step,
+            tags=tags,
+            params=params,
+        )
