@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	touch $@
 
 run: setup
-	MLFLOW_TRACKING_URI=$(TRACKING_URI) $(BIN)/mlflow run . -e main --env-manager local
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) $(BIN)/mlflow run . -e main --env-manager local
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

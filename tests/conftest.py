@@ -1,0 +1,98 @@
+"""Shared fixtures: an isolated MLflow store per test, an isolated Hugging Face environment, tiny models.
+
+Isolation rules every test gets (autouse):
+  * `HF_ENDPOINT` points at a closed local port, `HF_HOME` at a temp dir, `HF_TOKEN` unset: no test
+    can reach, or be helped by, the real Hub or the developer's cache;
+  * the pipeline's cache (`E2E_LORA_CACHE`) is shared per session (converted GGUFs are reused),
+    except where a test asks for a fresh one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+for p in (str(ROOT), str(TESTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+SHARED_E2E = ROOT.parent / "shared" / "e2e"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e-lora-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch, tmp_path, session_cache):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # port 9 (discard): nothing listens
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("E2E_LORA_CACHE", str(session_cache))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory) -> Path:
+    """One migrated SQLite store per session; tests copy it (migrations take seconds, a copy does not)."""
+    import mlflow
+
+    d = tmp_path_factory.mktemp("store-template")
+    db = d / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()
+    return db
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch, _store_template):
+    """A fresh tracking store in tmp_path; the process and its subprocesses use experiment 'tests'."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(_store_template, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("tests", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    mlflow.set_experiment(experiment_id=exp_id)
+    yield client
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama causal LM + tokenizer with a chat template (made here, < 1 MB)."""
+    from hubserver import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture
+def venv_env() -> dict[str, str]:
+    """Environment for subprocesses (`mlflow run`, `python -m steps...`) using the project's venv."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def runs_with_status(client, status: str) -> list:
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(exps) if r.info.status == status]
