@@ -137,7 +137,6 @@ def check_architecture(config: dict, args: Args, problems: Problems) -> str:
 
 def _retrying(fn: Callable[[], T], args: Args, endpoint: str, what: str) -> T:
     """Bounded retries with exponential backoff for transient Hub failures only."""
-    import httpx
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -160,7 +159,7 @@ def _retrying(fn: Callable[[], T], args: Args, endpoint: str, what: str) -> T:
             if status is not None and status < 500:
                 raise
             last: Exception = err
-        except (OSError, httpx.HTTPError) as err:
+        except (OSError, *_transport_errors()) as err:
             last = err
         if attempt + 1 < attempts:
             delay = args.hub_backoff_s * 2**attempt
@@ -173,6 +172,19 @@ def _retrying(fn: Callable[[], T], args: Args, endpoint: str, what: str) -> T:
                              f"({type(last).__name__}: {short})",
                              "check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use a "
                              "snapshot already in the HF cache"))
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection/timeout errors of the HTTP clients huggingface_hub may use (httpx2 in 2.x, httpx in 1.x)."""
+    import importlib
+
+    found = []
+    for mod in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(mod).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _hub_endpoint() -> str:

@@ -31,11 +31,15 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e-lora-cache")
 
 
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # port 9 (discard): nothing listens
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path, session_cache):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # port 9 (discard): nothing listens
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    from hubserver import point_hf_hub_at
+
+    # Environment for subprocesses AND huggingface_hub's import-time constants for this process.
+    point_hf_hub_at(monkeypatch, CLOSED_ENDPOINT, tmp_path / "hf_home")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.setenv("E2E_LORA_CACHE", str(session_cache))
