@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence, TypeVar, get_type_hints
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, get_type_hints
 
 from steps.errors import InputError, StepError
 

@@ -7,8 +7,8 @@ import dataclasses
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from steps import artifacts
 from steps.cli import configure_tracking

@@ -160,7 +160,7 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
         with torch.inference_mode():
             gen = model.generate(**enc, generation_config=cfg)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, t in zip(idx, texts):
+        for i, t in zip(idx, texts, strict=True):
             out[i] = t.strip()
     return out
 
@@ -250,7 +250,7 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
                   full_model_dir: Path | None = None, trainer_state_dir: Path | None = None,
                   persisted_base_dir: Path | None = None, step: int = 0,
                   tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                  with_input_example: bool = True):
+                  with_input_example: bool = True, validate_serving_input: bool = True):
     """Log an `E2EExtractor` model into the active run; returns MLflow's ModelInfo.
 
     Weights are never loaded here: the adapter / checkpoint folders are copied file by file, so memory
@@ -258,6 +258,9 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
     With an input example MLflow validates serving by loading the model and predicting once (seconds
     on a small base); training checkpoints skip it (`with_input_example=False`) so logging a
     checkpoint never stalls training on a full model load.
+    `validate_serving_input=False` keeps the input example but skips that load: for callers that
+    must not load the weights (full checkpoints) or that check the logged model themselves (MLflow
+    only logs a warning when its check fails).
     """
     import mlflow
     import pandas as pd
@@ -276,7 +279,7 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             arts[names.TRAINER_STATE_ARTIFACT] = str(trainer_state_dir)
         if persisted_base_dir is not None:
             arts[names.PERSISTED_BASE_ARTIFACT] = str(persisted_base_dir)
-        return mlflow.pyfunc.log_model(
+        kwargs = dict(
             name=name,
             python_model=E2EExtractor(),
             artifacts=arts,
@@ -291,3 +294,20 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             tags=tags,
             params=params,
         )
+        if validate_serving_input:
+            return mlflow.pyfunc.log_model(**kwargs)
+        from mlflow.models import Model
+
+        # What mlflow.pyfunc.log_model does, with MLflow's serving check turned off (pyfunc.log_model
+        # has no switch for it; Model.log does, and hands its other arguments to the flavor).
+        return Model.log(artifact_path=None, flavor=_PyfuncWithoutServingCheck,
+                         flavor_name="pyfunc.CustomPythonModel",
+                         validate_serving_input=False, **kwargs)
+
+
+class _PyfuncWithoutServingCheck:
+    """The pyfunc flavor for `Model.log`, dropping the `validate_serving_input` switch it is given."""
+
+    @staticmethod
+    def save_model(path, validate_serving_input: bool = True, **kwargs):
+        return mlflow.pyfunc.save_model(path, **kwargs)

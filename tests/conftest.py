@@ -62,7 +62,7 @@ def _store_template(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch, _store_template):
-    """A fresh tracking store in tmp_path; the process and its subprocesses use experiment 'tests'."""
+    """A fresh tracking store in tmp_path; this process and its subprocesses use experiment 'tests'."""
     import mlflow
 
     db = tmp_path / "mlflow.db"
@@ -73,7 +73,11 @@ def tracking(tmp_path, monkeypatch, _store_template):
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("tests", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    # set_experiment writes MLFLOW_EXPERIMENT_ID into os.environ; setting it through monkeypatch first
+    # makes teardown restore it. Subprocesses (`mlflow run`) inherit it. Never also set ..._NAME:
+    # `mlflow run` refuses both at once.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     mlflow.set_experiment(experiment_id=exp_id)
     yield client
     while mlflow.active_run():

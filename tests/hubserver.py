@@ -15,8 +15,12 @@ import. Nothing here touches the network except 127.0.0.1.
 
 olah serves a mirror repository only for explicit revisions: ``/api/models/<repo>/revision/<rev>`` and
 ``/<repo>/resolve/<rev>/<file>`` read the git repository directly (branch, tag or full SHA, resolved by git on each
-request, so a new commit is visible at once). ``/api/models/<repo>`` without a revision is answered from olah's
-offline cache only and fails (401 RepoNotFound) for mirror repositories: always pass a revision.
+request, so a new commit is visible at once; olah caches nothing for mirror repositories). Unmodified olah
+answers ``/api/models/<repo>`` without a revision from its offline cache only (401 RepoNotFound for a mirror), and
+an unknown revision with 401 RepoNotFound too; :class:`LocalHub` therefore runs olah by default with a thin
+"strict errors" layer that answers like huggingface.co (see :class:`LocalHub`). Always pass a revision anyway.
+
+Requires the ``git`` executable (olah reads repositories through GitPython, this module writes them with git).
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 # -----------------------------------------------------------------------------------------------------------------
 # Tiny model
@@ -117,8 +121,7 @@ def make_tiny_llama(dir: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    devnull = torch.random.fork_rng(devices=[])
-    with devnull:  # leave the caller's global RNG state alone
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state alone
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model = model.to(torch.float32).eval()
@@ -218,7 +221,9 @@ def publish_git_repo(
     return sha
 
 
-def tag_git_repo(mirror_root: Path, repo_id: str, tag: str, revision: str = "main", *, repo_type: str = "models") -> str:
+def tag_git_repo(
+    mirror_root: Path, repo_id: str, tag: str, revision: str = "main", *, repo_type: str = "models"
+) -> str:
     """Point (lightweight) tag ``tag`` at ``revision``; return the commit SHA."""
     git_dir = repo_path(mirror_root, repo_id, repo_type)
     sha = _resolve(git_dir, revision)
@@ -266,6 +271,10 @@ def _olah_command() -> list[str]:
     return [sys.executable, "-c", "from olah.server import cli; cli()"]
 
 
+_PROBE_PATH = "/api/models/olah-readiness-probe/none/revision/main"
+_STRICT_FLAG = "--strict-hub-errors"
+
+
 class LocalHubError(RuntimeError):
     pass
 
@@ -276,6 +285,15 @@ class LocalHub:
     ``start()`` blocks until the server answers (at most ``startup_timeout`` seconds, else raises
     :class:`LocalHubError` with olah's output). ``stop()`` terminates it (then kills it); ``start()`` again
     reuses the same port, so ``endpoint`` stays valid across a stop/start. Also a context manager.
+
+    ``strict_errors`` (default) runs olah with a small ASGI middleware (see :class:`_StrictMirrorErrors`, and
+    :func:`_patch_olah_binary_blobs` for an olah bug with small binary files) so that
+    mirror repositories fail the way huggingface.co does: an unknown branch/tag/SHA answers 404 ``RevisionNotFound``
+    (``RevisionNotFoundError``), a missing file at a valid revision 404 ``EntryNotFound``
+    (``RemoteEntryNotFoundError``), and ``/api/models/<repo>`` without a revision describes ``HEAD`` (``main``).
+    Plain olah 0.5.4 offline answers 401 ``RepoNotFound`` (``RepositoryNotFoundError``) for the first two, 500 for
+    an unknown full SHA, and 401 for the third (and 500 for any non-UTF-8 file of 121-149 bytes);
+    ``strict_errors=False`` runs it unmodified.
     Scratch files (config, olah's cache ``repos-path``, logs, output) live in ``work_dir`` (a fresh temporary
     directory unless given), removed on ``close()`` when it was created here.
     """
@@ -288,7 +306,9 @@ class LocalHub:
         port: int | None = None,
         work_dir: Path | None = None,
         startup_timeout: float = 30.0,
+        strict_errors: bool = True,
     ) -> None:
+        self.strict_errors = strict_errors
         self.mirror_root = Path(mirror_root).resolve()
         self.mirror_root.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -300,6 +320,7 @@ class LocalHub:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self._log_file = None
+        self._started_once = False
 
     # -- paths ---------------------------------------------------------------------------------------------------
     @property
@@ -347,22 +368,26 @@ class LocalHub:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> str:
-        """Start olah (no-op when running); return the endpoint URL."""
+        """Start olah (no-op when running); return the endpoint URL.
+
+        The first start may move to another free port if it lost a race for the chosen one; a restart after
+        ``stop()`` (or a ``port`` given to the constructor) always uses the same port.
+        """
         if self.running:
             return self.endpoint
-        attempts = 1 if self._fixed_port or self.proc is not None else 3
+        can_move = self._fixed_port is None and not self._started_once
+        attempts = 3 if can_move else 1
         for attempt in range(attempts):
             try:
                 self._spawn_and_wait()
-                return self.endpoint
             except LocalHubError:
                 self._kill()
-                if attempt == attempts - 1 or self._port_in_use():
-                    if attempt == attempts - 1:
-                        raise
-                    self.port = free_port(self.host)  # lost a race for the port: try another one
-                else:
+                if attempt == attempts - 1 or not self._port_in_use():
                     raise
+                self.port = free_port(self.host)
+            else:
+                self._started_once = True
+                return self.endpoint
         raise AssertionError("unreachable")
 
     def _port_in_use(self) -> bool:
@@ -383,8 +408,12 @@ class LocalHub:
         env["GIT_CONFIG_NOSYSTEM"] = "1"
         env["GIT_CONFIG_GLOBAL"] = os.devnull
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        if self.strict_errors:
+            command = [sys.executable, str(Path(__file__).resolve()), _STRICT_FLAG]
+        else:
+            command = _olah_command()
         self.proc = subprocess.Popen(
-            [*_olah_command(), "--config", str(self.config_path), "--log-path", str(logs)],
+            [*command, "--config", str(self.config_path), "--log-path", str(logs)],
             cwd=self.work_dir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -400,18 +429,26 @@ class LocalHub:
                     f"olah exited with code {self.proc.returncode} before answering on {self.endpoint}:\n"
                     f"{self.output()[-4000:]}"
                 )
-            try:
-                with opener.open(self.endpoint + "/", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
+            if self._answers(opener):
+                return
             if time.monotonic() > deadline:
                 raise LocalHubError(
                     f"olah did not answer on {self.endpoint} within {self.startup_timeout:.0f}s:\n"
                     f"{self.output()[-4000:]}"
                 )
             time.sleep(0.1)
+
+    def _answers(self, opener) -> bool:
+        # olah's "/" page is broken with current starlette (500 + traceback); probe a cheap API route instead:
+        # any HTTP answer (here 401 RepoNotFound for a repository that does not exist) means olah is serving.
+        request = urllib.request.Request(self.endpoint + _PROBE_PATH, method="HEAD")
+        try:
+            with opener.open(request, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
 
     def _kill(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
@@ -441,7 +478,7 @@ class LocalHub:
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalHub":
+    def __enter__(self) -> LocalHub:
         self.start()
         return self
 
@@ -499,7 +536,9 @@ def point_hf_hub_at(monkeypatch, endpoint: str, hf_home: Path) -> None:
         monkeypatch.setenv(key, value)
     hf_home = Path(hf_home)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(hf_home / "hub"))
@@ -517,3 +556,164 @@ def point_hf_hub_at(monkeypatch, endpoint: str, hf_home: Path) -> None:
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Strict errors: runs inside the olah process (``python tests/hubserver.py --strict-hub-errors <olah args>``)
+# -----------------------------------------------------------------------------------------------------------------
+
+_REPO_TYPES = ("models", "datasets", "spaces")
+_REVISION_ROUTES = ("revision", "tree", "paths-info", "commits")
+
+
+class _StrictMirrorErrors:
+    """ASGI middleware in front of olah: Hub-like errors for repositories that have a local git mirror.
+
+    Only requests for a repository present under olah's ``mirrors-path`` are looked at; everything else (and
+    every request whose revision and file exist) goes to olah untouched.
+    """
+
+    def __init__(self, app, get_mirror_paths) -> None:
+        self.app = app
+        self.get_mirror_paths = get_mirror_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD", "POST"):
+            try:
+                action = self._check(scope)
+            except Exception:  # never break olah because of this layer
+                action = None
+            if isinstance(action, dict):
+                scope = action
+            elif action is not None:
+                status, code, message = action
+                await _send_error(send, status, code, message, head=scope["method"] == "HEAD")
+                return
+        await self.app(scope, receive, send)
+
+    def _mirror(self, repo_type: str, org: str, repo: str):
+        import git
+
+        for root in self.get_mirror_paths():
+            path = os.path.join(root, repo_type, org, repo)
+            if os.path.exists(path):
+                try:
+                    return git.Repo(path)
+                except Exception:
+                    continue
+        return None
+
+    @staticmethod
+    def _commit(repo, revision: str):
+        try:
+            commit = repo.commit(revision)
+            _ = commit.tree  # forces the lookup: an unknown full SHA only fails here
+            return commit
+        except Exception:
+            return None
+
+    def _check(self, scope):
+        from urllib.parse import unquote
+
+        raw = scope.get("raw_path") or scope["path"].encode()
+        raw = raw.split(b"?", 1)[0].decode("latin-1")
+        parts = [unquote(p) for p in raw.strip("/").split("/")]
+        # /api/{type}/{org}/{repo}[/{route}/{rev}/...]
+        if len(parts) >= 4 and parts[0] == "api" and parts[1] in _REPO_TYPES:
+            repo_type, org, name = parts[1], parts[2], parts[3]
+            if len(parts) == 4 and scope["method"] in ("GET", "HEAD"):
+                if self._mirror(repo_type, org, name) is None:
+                    return None
+                new_path = f"/api/{repo_type}/{org}/{name}/revision/HEAD"
+                return {**scope, "path": new_path, "raw_path": new_path.encode()}
+            if len(parts) >= 6 and parts[4] in _REVISION_ROUTES:
+                repo = self._mirror(repo_type, org, name)
+                if repo is not None and self._commit(repo, parts[5]) is None:
+                    return 404, "RevisionNotFound", f"Invalid rev id: {parts[5]}"
+            return None
+        # /[{type}/]{org}/{repo}/resolve/{rev}/{path...}
+        if parts and parts[0] in _REPO_TYPES:
+            repo_type, parts = parts[0], parts[1:]
+        else:
+            repo_type = "models"
+        if len(parts) >= 5 and parts[2] == "resolve" and scope["method"] in ("GET", "HEAD"):
+            org, name, revision, file_path = parts[0], parts[1], parts[3], "/".join(parts[4:])
+            repo = self._mirror(repo_type, org, name)
+            if repo is None:
+                return None
+            commit = self._commit(repo, revision)
+            if commit is None:
+                return 404, "RevisionNotFound", f"Invalid rev id: {revision}"
+            try:
+                entry = commit.tree / file_path
+            except KeyError:
+                entry = None
+            if entry is None or entry.type != "blob":
+                return 404, "EntryNotFound", f'{file_path} does not exist on "{revision}"'
+        return None
+
+
+async def _send_error(send, status: int, code: str, message: str, head: bool = False) -> None:
+    import json
+
+    body = b"" if head else json.dumps({"error": message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-error-code", code.encode()),
+        (b"x-error-message", message.encode("latin-1", "replace")),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _LenientBytes(bytes):
+    """Blob bytes whose ``decode()`` never raises (invalid UTF-8 is replaced)."""
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes.decode(self, encoding, "replace")
+
+
+class _LenientStream:
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def read(self, *args):
+        return _LenientBytes(self._stream.read(*args))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _patch_olah_binary_blobs() -> None:
+    """olah 0.5.4 sniffs every blob of 121-149 bytes for a git-lfs pointer with ``.decode("utf-8")``, so such a
+    blob that is not UTF-8 answers 500 (resolve, tree listing, paths-info). Make that sniff lenient: the pointer
+    regex then simply does not match and the blob is served as the plain file it is."""
+    from git.objects.base import Object
+
+    original = Object.data_stream
+
+    @property
+    def data_stream(self):
+        return _LenientStream(original.fget(self))
+
+    Object.data_stream = data_stream
+
+
+def _serve_strict(olah_args: list[str]) -> None:
+    from olah import server
+
+    _patch_olah_binary_blobs()
+    app = server.app
+    app.add_middleware(
+        _StrictMirrorErrors, get_mirror_paths=lambda: app.state.app_settings.config.mirrors_path
+    )
+    sys.argv = ["olah-cli", *olah_args]
+    server.cli()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == _STRICT_FLAG:
+        _serve_strict(sys.argv[2:])
+    else:
+        sys.exit(f"usage: python {sys.argv[0]} {_STRICT_FLAG} --config OLAH_TOML [olah-cli options]")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import runs_with_status
-from hubserver import LocalHub, point_hf_hub_at, publish_git_repo
 from steps import artifacts
 from steps import download_snapshot as ds
 from steps.errors import InputError
 from steps.manifest import load_manifest, sha256_file
+
+from conftest import runs_with_status
+from hubserver import LocalHub, point_hf_hub_at, publish_git_repo
 
 REPO = "tiny-org/tiny-llama"
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import runs_with_status
 from steps import artifacts
 from steps import download_snapshot as ds
 from steps.errors import InputError
 from steps.manifest import load_manifest, sha256_file
+
+from conftest import runs_with_status
 
 
 def _copy(src: Path, dst: Path) -> Path:

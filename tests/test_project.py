@@ -10,9 +10,10 @@ import sys
 
 import yaml
 
-from conftest import ROOT
 from steps import envfile, mlproject
 from steps.cli import build_parser, fields_of
+
+from conftest import ROOT
 
 
 def test_mlproject_is_rendered_from_args():
