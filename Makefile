@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint mlproject conda-env lock clean
+.PHONY: setup run test test-fast lint mlproject conda-env lock clean server server-stop server-status
 
 setup: $(STAMP)
 
@@ -46,3 +46,13 @@ lock: setup
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db .pytest_cache
+
+# Team mode (see README): MLflow on 127.0.0.1 backed by PostgreSQL, proxied artifacts; state in .server/.
+server: setup
+	E2E_SERVER_VENV=$(abspath $(VENV)) scripts/server.sh start
+
+server-stop:
+	scripts/server.sh stop
+
+server-status:
+	scripts/server.sh status

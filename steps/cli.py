@@ -96,7 +96,13 @@ def run_cli(
 ) -> int:
     """Parse, run, and turn user-facing errors into one line each and an exit code."""
     parser = build_parser(args_cls, description)
-    ns = parser.parse_args(list(argv) if argv is not None else None)
+    ns, unknown = parser.parse_known_args(list(argv) if argv is not None else None)
+    if unknown:
+        # `mlflow run -P typo=1` appends `--typo 1`: name it and list what the step takes, on one line.
+        flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")] or unknown
+        known = ", ".join(f.name for f in dataclasses.fields(args_cls))
+        print(f"error: unknown parameter(s) {' '.join(flags)}; fix: use one of: {known}", file=sys.stderr)
+        return 2
     setup_logging()
     try:
         result = run(args_cls(**vars(ns)))
