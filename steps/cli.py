@@ -48,8 +48,15 @@ def fields_of(args_cls: type) -> list[tuple[dataclasses.Field, type]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(args_cls)]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line (argparse prints the whole usage text first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; fix: see `--help` for the accepted values\n")
+
+
 def build_parser(args_cls: type, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = _OneLineParser(description=description, allow_abbrev=False)
     for f, typ in fields_of(args_cls):
         conv = parse_bool if typ is bool else typ
         parser.add_argument(
@@ -110,5 +117,31 @@ def run_cli(
         for line in err.lines():
             print(f"error: {line}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:
+        line = tracking_down_line(err)
+        if line is None:
+            raise  # a bug: keep the traceback
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     print(result_to_json(result))
     return 0
+
+
+def tracking_down_line(err: BaseException) -> str | None:
+    """One actionable line if `err` means the tracking server stopped answering, else None."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if not uri.startswith(("http://", "https://")):
+        return None
+    chain, e = [], err
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(f"{type(x).__name__}: {x}" for x in chain)
+    markers = ("ConnectionError", "Max retries exceeded", "Connection refused", "API request to",
+               "ConnectTimeout", "ReadTimeout", "RemoteDisconnected")
+    if not any(m in text for m in markers):
+        return None
+    short = " ".join(str(err).split())[:160]
+    return (f"tracking server {uri} stopped answering ({type(err).__name__}: {short}); what the step "
+            "logged before is kept; fix: start the server again and rerun (main reuses finished steps "
+            "and resumes finetune from its last checkpoint)")

@@ -50,9 +50,15 @@ def step_run(entry_point: str, args: object, *, nested: bool = False) -> Iterato
     """Start (or, under `mlflow run`, resume) the step's run; an exception ends it FAILED."""
     import mlflow
 
+    from steps import stale
+
     configure_tracking()
+    # A step killed earlier (kill -9, OOM) left its run RUNNING: close such runs as KILLED first, so the
+    # UI tells the truth and `main` can resume them. Never raises (housekeeping).
+    stale.close_stale_runs(exclude=[os.environ.get("MLFLOW_RUN_ID", "")])
     with mlflow.start_run(nested=nested) as run:
         client = mlflow.MlflowClient()
+        mlflow.set_tags(stale.process_tags())
         existing = client.get_run(run.info.run_id).data.params
         # `mlflow run` already logged the CLI parameters; log only what is not there yet.
         mlflow.log_params({k: v for k, v in args_as_params(args).items() if k not in existing})

@@ -65,10 +65,20 @@ def _resolve_hub_base(manifest: Manifest) -> Path:
     from huggingface_hub import snapshot_download
 
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    patterns = [f.path for f in manifest.files]
+    # A commit never changes: a complete copy in the HF cache needs no request (and serves while the
+    # Hub is down, instead of ~25 s of huggingface_hub's retries first). Digests are checked either way.
+    try:
+        cached = Path(snapshot_download(manifest.repo_id, revision=manifest.commit,
+                                        allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError and kin): ask the Hub below
+        cached = None
+    if cached is not None and all((cached / f.path).is_file() for f in manifest.files):
+        verify_dir(cached, manifest)
+        return cached
     try:
         path = Path(snapshot_download(manifest.repo_id, revision=manifest.commit,
-                                      allow_patterns=[f.path for f in manifest.files],
-                                      endpoint=endpoint))
+                                      allow_patterns=patterns, endpoint=endpoint))
     except Exception as err:  # huggingface_hub raises many types (HTTP, offline, not found)
         if manifest.artifact_uri:
             log.warning("Hub failed for %s (%s); using the artifact copy", manifest.reference(), err)

@@ -1,0 +1,270 @@
+"""Load test: serve a registered model with `mlflow models serve` on loopback and hold bounded load.
+
+    flock /tmp/heavy.lock .venv/bin/python bench/load_test.py \
+        [--model-uri models:/e2e-extractor@champion] [--clients 4] [--duration 60] [--batch-size 4]
+
+What it does, side by side in one process:
+  1. serving: `mlflow models serve -m MODEL --env-manager local -h 127.0.0.1` (loopback only, one
+     worker), waits for /ping, then `--clients` threads each send batches of `--batch-size` sentences
+     to /invocations, back to back, for `--duration` seconds or `--max-requests` requests in all,
+     whichever comes first (bounded in count and time). A request is an error unless it answers 200
+     with one prediction per sentence, each with `mr`, `attributes`, `valid`.
+  2. baseline: the same model loaded in this process (`mlflow.pyfunc.load_model`) predicting the same
+     batches one after another for `--baseline-seconds` (no HTTP, no JSON, no queueing).
+Prints requests, errors, p50/p99 latency, throughput (requests/s, sentences/s) for both, and the ratio
+served / in-process sentences per second (how much HTTP serving with this many clients keeps of what
+the model does in-process). The last line is `RESULT {json}` for scripts and tests.
+Exit code 1 if any request failed.
+Sentences: the `ref` column of `--data` (default: the project's data/sample.csv), cycled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_sentences(path: Path, limit: int = 1000) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        out = [row["ref"] for row in csv.DictReader(fh)][:limit]
+    if not out:
+        raise SystemExit(f"{path} has no rows with a 'ref' column")
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+class Batches:
+    """Thread-safe round-robin over the sentences, `size` at a time."""
+
+    def __init__(self, sentences: list[str], size: int):
+        self.sentences, self.size, self._i = sentences, size, 0
+        self._lock = threading.Lock()
+
+    def next(self) -> list[str]:
+        with self._lock:
+            i, self._i = self._i, self._i + self.size
+        n = len(self.sentences)
+        return [self.sentences[(i + j) % n] for j in range(self.size)]
+
+
+def valid_answer(body: bytes, n: int) -> str | None:
+    """None if the answer holds n well-formed predictions, else why not."""
+    try:
+        rows = json.loads(body)["predictions"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable answer ({type(err).__name__})"
+    if len(rows) != n:
+        return f"{len(rows)} predictions for {n} sentences"
+    for r in rows:
+        if not isinstance(r, dict) or set(r) != {"mr", "attributes", "valid"}:
+            return f"malformed prediction {str(r)[:80]}"
+    return None
+
+
+# --- serving -------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, model_uri: str, port: int, log_path: Path, startup_timeout: float):
+        self.model_uri, self.port, self.log_path = model_uri, port, log_path
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        mlflow_exe = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_exe) if mlflow_exe.exists() else "mlflow", "models", "serve", "-m", self.model_uri,
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port), "-w", "1"]
+        env = dict(os.environ)
+        # `--env-manager local` runs `python` from PATH: make it this interpreter.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        t0 = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"mlflow models serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() - t0 > self.startup_timeout:
+                self.__exit__()
+                raise SystemExit(f"server not ready after {self.startup_timeout:.0f}s:\n{self.tail()}")
+            time.sleep(0.5)
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def load(url: str, batches: Batches, *, clients: int, duration: float, max_requests: int,
+         max_new_tokens: int, request_timeout: float) -> dict:
+    """`clients` threads posting batches until the time or the request budget is spent."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    issued = [0]
+    deadline = time.monotonic() + duration
+
+    def take() -> bool:
+        with lock:
+            if issued[0] >= max_requests or time.monotonic() >= deadline:
+                return False
+            issued[0] += 1
+            return True
+
+    def client() -> None:
+        while take():
+            batch = batches.next()
+            body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [[s] for s in batch]},
+                               "params": {"max_new_tokens": max_new_tokens}}).encode()
+            req = urllib.request.Request(url + "/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            why = None
+            try:
+                with urllib.request.urlopen(req, timeout=request_timeout) as r:
+                    why = valid_answer(r.read(), len(batch)) if r.status == 200 else f"HTTP {r.status}"
+            except urllib.error.HTTPError as err:
+                why = f"HTTP {err.code}"
+            except (urllib.error.URLError, OSError) as err:
+                why = f"{type(err).__name__}: {err}"
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                if why:
+                    errors.append(why)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    n = len(latencies)
+    return {"requests": n, "errors": len(errors), "error_kinds": sorted(set(errors))[:5],
+            "wall_s": wall, "p50_s": percentile(latencies, 50), "p99_s": percentile(latencies, 99),
+            "requests_per_s": n / wall if wall else 0.0,
+            "sentences_per_s": (n - len(errors)) * batches.size / wall if wall else 0.0}
+
+
+def baseline(model_uri: str, batches: Batches, seconds: float, max_new_tokens: int) -> dict:
+    """The same batches through the model in this process, one after another."""
+    import mlflow
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    model.predict(pd.DataFrame({"prompt": batches.next()}), params={"max_new_tokens": max_new_tokens})  # warm-up
+    latencies = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s = time.perf_counter()
+        model.predict(pd.DataFrame({"prompt": batches.next()}), params={"max_new_tokens": max_new_tokens})
+        latencies.append(time.perf_counter() - s)
+    wall = time.perf_counter() - t0
+    n = len(latencies)
+    return {"requests": n, "errors": 0, "wall_s": wall, "p50_s": percentile(latencies, 50),
+            "p99_s": percentile(latencies, 99), "requests_per_s": n / wall,
+            "sentences_per_s": n * batches.size / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steps.persist_and_register import CHAMPION_ALIAS, DEFAULT_REGISTERED_NAME
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-uri", default=f"models:/{DEFAULT_REGISTERED_NAME}@{CHAMPION_ALIAS}")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    p.add_argument("--max-requests", type=int, default=100_000, help="requests in all, at most")
+    p.add_argument("--batch-size", type=int, default=4, help="sentences per request")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--baseline-seconds", type=float, default=20.0, help="0: skip the in-process baseline")
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "sample.csv")
+    p.add_argument("--log", type=Path, default=Path("load_test_server.log"))
+    a = p.parse_args(argv)
+    if a.clients < 1 or a.batch_size < 1 or a.duration <= 0 or a.max_requests < 1:
+        p.error("--clients, --batch-size, --max-requests must be >= 1 and --duration > 0")
+
+    sentences = read_sentences(a.data)
+    print(f"model {a.model_uri}; {a.clients} clients x batches of {a.batch_size}; {a.duration:.0f}s or "
+          f"{a.max_requests} requests; max_new_tokens={a.max_new_tokens}", flush=True)
+    with Server(a.model_uri, free_port(), a.log, a.startup_timeout) as server:
+        print(f"server ready on {server.url} after {server.startup_s:.1f}s", flush=True)
+        served = load(server.url, Batches(sentences, a.batch_size), clients=a.clients, duration=a.duration,
+                      max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
+                      request_timeout=a.request_timeout)
+        if served["errors"]:
+            print(f"server log tail:\n{server.tail()}", flush=True)
+    base = (baseline(a.model_uri, Batches(sentences, a.batch_size), a.baseline_seconds, a.max_new_tokens)
+            if a.baseline_seconds > 0 else None)
+
+    print(f"{'':<22}{'requests':>9}{'errors':>8}{'p50 s':>9}{'p99 s':>9}{'req/s':>8}{'sent/s':>9}")
+    rows = [(f"served (HTTP, {a.clients} cl.)", served)] + ([("in-process (1 thread)", base)] if base else [])
+    for name, r in rows:
+        print(f"{name:<22}{r['requests']:>9}{r['errors']:>8}{r['p50_s']:>9.3f}{r['p99_s']:>9.3f}"
+              f"{r['requests_per_s']:>8.2f}{r['sentences_per_s']:>9.2f}")
+    ratio = served["sentences_per_s"] / base["sentences_per_s"] if base and base["sentences_per_s"] else None
+    if ratio is not None:
+        print(f"ratio served / in-process sentences per second: {ratio:.2f}")
+    if served["errors"]:
+        print(f"errors: {served['error_kinds']}")
+    print("RESULT " + json.dumps({"served": served, "in_process": base, "ratio": ratio,
+                                  "clients": a.clients, "batch_size": a.batch_size,
+                                  "max_new_tokens": a.max_new_tokens, "model_uri": a.model_uri}))
+    return 1 if served["errors"] or served["requests"] == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

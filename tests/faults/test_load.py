@@ -1,0 +1,36 @@
+"""The load test script (bench/load_test.py) against a tiny registered champion: bounded, no errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steps import persist_and_register as par
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # a model server start (~20-60 s on 2 shared cores)
+
+
+def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, tmp_path, venv_env):
+    from test_persist import GOOD, make_candidate, snapshot
+
+    cand = make_candidate(tmp_path, tiny_model_dir, snapshot(tiny_model_dir), metrics=GOOD)
+    par.run(par.Args(model_uri=cand.uri, registered_name="e2e-load"))
+    env = dict(venv_env, OMP_NUM_THREADS="1")  # tiny model: a second thread only spins
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load_test.py"), "--model-uri", "models:/e2e-load@champion",
+         "--clients", "4", "--duration", "8", "--max-requests", "60", "--batch-size", "2",
+         "--max-new-tokens", "8", "--baseline-seconds", "2", "--log", str(tmp_path / "serve.log")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
+    served = result["served"]
+    assert served["errors"] == 0 and 0 < served["requests"] <= 60  # bounded in count
+    assert served["wall_s"] < 8 + 60  # and in time (the last requests may still finish)
+    assert 0 < served["p50_s"] <= served["p99_s"]
+    assert result["in_process"]["requests"] > 0 and result["ratio"] > 0
+    assert "served (HTTP, 4 cl.)" in proc.stdout and "ratio served / in-process" in proc.stdout
