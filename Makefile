@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint mlproject conda-env lock clean server server-stop server-status
+.PHONY: setup run test test-fast test-faults lint mlproject conda-env lock clean server server-stop server-status
 
 setup: $(STAMP)
 
@@ -23,11 +23,18 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) $(BIN)/mlflow run . -e main --env-manager local
 
+# The suite: unit tests, every step on tiny models, and the slow end-to-end runs (`mlflow run`, Git,
+# team server). The fault suite is separate (`make test-faults`); CI runs both.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not faults" $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not faults" $(PYTEST_ARGS)
+
+# Faults, load and security (tests/faults/): kill -9, Hub 5xx, tracking server down, disk full,
+# corrupted artifacts, a bounded load test, secret scans.
+test-faults: setup
+	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check steps tests bench
