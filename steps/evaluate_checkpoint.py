@@ -158,13 +158,25 @@ class Generated:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate_timed(extractor, sentences: list[str], args: Args) -> Generated:
-    """The served model's own generation (same prompt, batching and decoding as `predict`)."""
-    from steps.serving import generate
+def generate_timed(extractor, sentences: list[str], args: Args, desc: str = "generating") -> Generated:
+    """The served model's own generation (same prompt, batching and decoding as `predict`), one
+    batch at a time for a progress bar; shortest sentences first, as `generate` itself orders them,
+    and answers are independent of the batching (tests/test_serving.py)."""
+    from tqdm.auto import tqdm
 
+    from steps import serving
+
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    texts = [""] * len(sentences)
     start = time.perf_counter()
-    texts = generate(extractor.model, extractor.tokenizer, sentences,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    with tqdm(total=len(sentences), desc=desc, unit="sentence") as bar:
+        for lo in range(0, len(order), args.batch_size):
+            idx = order[lo:lo + args.batch_size]
+            out = serving.generate(extractor.model, extractor.tokenizer, [sentences[i] for i in idx],
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            for i, t in zip(idx, out, strict=True):
+                texts[i] = t
+            bar.update(len(idx))
     seconds = time.perf_counter() - start
     # Generated tokens, counted from the answers (padding after an early end-of-sequence is not
     # work anyone asked for, so it does not count).
@@ -264,13 +276,14 @@ def run(args: Args) -> Result:
             dataset = _dataset(ds.to_pandas(), eval_source)
             mlflow.log_input(dataset, context="evaluation")
 
-            cand, cand_rows = score(expected, generate_timed(extractor, sentences, args), "")
+            cand, cand_rows = score(expected, generate_timed(extractor, sentences, args,
+                                                             "candidate"), "")
             # One model in memory at a time: the candidate goes before the base loads.
             del loaded, extractor
             gc.collect()
             base_ext = serving.E2EExtractor()
             base_ext.load_context(SimpleNamespace(artifacts=base_arts))
-            base, base_rows = score(expected, generate_timed(base_ext, sentences, args), "")
+            base, base_rows = score(expected, generate_timed(base_ext, sentences, args, "base"), "")
             del base_ext
             gc.collect()
 

@@ -232,8 +232,8 @@ def resolve_resume(args: Args, problems: Problems) -> tuple[str, int, Any] | Non
     from mlflow.exceptions import MlflowException
 
     rf = args.resume_from.strip()
-    if not rf:
-        return None
+    if not rf or (rf != "last" and not _RUN_ID.match(rf)):
+        return None  # empty, or malformed (validate_static reports that once)
     from steps.cli import configure_tracking
 
     configure_tracking()

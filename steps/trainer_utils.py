@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import queue
 import shutil
 import threading
@@ -33,6 +34,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from steps.e2e import answer_text, format_prompt
+from steps.errors import StepError
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +269,9 @@ class CheckpointLogger(TrainerCallback):
     """At each save, log the checkpoint (adapter + trainer state) as an MLflow model, in a thread.
 
     `log_fn(step, adapter_dir, trainer_state_dir) -> model_id` does the logging (the step passes
-    `serving.log_e2e_model`). Only rank 0 logs. A logging failure stops training at the next step
-    and is raised by `finish()`.
+    `serving.log_e2e_model`). Only rank 0 logs. At most one checkpoint is in flight (a save waits
+    for the previous upload). A logging failure stops training at the next step and `finish()`
+    raises it as a StepError naming the checkpoints that are kept.
     """
 
     def __init__(self, log_fn: Callable[[int, Path, Path], str], run_id: str, *, world_size: int = 1,
@@ -281,6 +284,7 @@ class CheckpointLogger(TrainerCallback):
         self.eval_losses: dict[int, float] = {}
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._failed_step: int | None = None
         self._thread: threading.Thread | None = None
 
     # training-loop side
@@ -294,9 +298,13 @@ class CheckpointLogger(TrainerCallback):
             self.eval_losses[state.global_step] = float(metrics["eval_loss"])
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or self._error is not None:
             return
         t0 = time.perf_counter()
+        # At most one checkpoint in flight: if the previous upload is still running (a slow artifact
+        # store), training waits here rather than running save intervals ahead of what is logged,
+        # so a crash loses at most two intervals and local checkpoints never pile up.
+        self._queue.join()
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self._queue.put(_Job(state.global_step, ckpt, self.eval_losses.get(state.global_step)))
         self.stats.on_save_seconds += time.perf_counter() - t0
@@ -314,27 +322,42 @@ class CheckpointLogger(TrainerCallback):
             self._thread = None
         self.stats.final_wait_seconds = time.perf_counter() - t0
         if self._error is not None:
-            raise self._error
+            err, kept = self._error, [c.step for c in self.stats.logged]
+            what = f"logging checkpoint-{self._failed_step}" if self._failed_step else "checkpoint logging"
+            detail = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            keep = (f"checkpoint-{kept[-1]} and earlier are logged and intact: fix the cause and rerun "
+                    f"finetune with resume_from={self.run_id}" if kept else
+                    "no checkpoint was logged: fix the cause and rerun finetune")
+            raise StepError(f"{what} failed ({detail}); training stopped; {keep}") from err
         return self.stats
 
     # worker side
     def _work(self) -> None:
         import mlflow
 
-        # MLflow's active run is per thread: attach this thread to the step's run (never ended here;
-        # the step's own `with` ends it). No second system-metrics monitor.
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        # Lowest CPU priority for this thread (Linux: a thread is its own task): on a machine with as
+        # many cores as training threads, copying a checkpoint must not take a core from training.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            # MLflow's active run is per thread: attach this thread to the step's run (never ended
+            # here; the step's own `with` ends it). No second system-metrics monitor.
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        except BaseException as err:  # reported by finish(); the queue is still drained below
+            self._error = err
         while True:
             job = self._queue.get()
-            if job is None:
-                return
-            if self._error is not None:
-                continue  # drain the queue; the first error is what finish() raises
             try:
-                self._log_one(job)
-            except BaseException as err:  # reported by finish(); training stops at the next step
-                log.error("logging checkpoint-%d failed: %s", job.step, err)
-                self._error = err
+                if job is None:
+                    return
+                if self._error is None:  # after a failure: drain; the first error is what finish() raises
+                    try:
+                        self._log_one(job)
+                    except BaseException as err:  # training stops at the next step
+                        log.error("logging checkpoint-%d failed: %s", job.step, err)
+                        self._failed_step, self._error = job.step, err
+            finally:
+                self._queue.task_done()  # on_save's join() waits for this
 
     def _log_one(self, job: _Job) -> None:
         t0 = time.perf_counter()

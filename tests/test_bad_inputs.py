@@ -93,9 +93,7 @@ CASES = [
       r"^save_steps=15: is not a multiple of eval_steps=10, so some checkpoints would have no validation "
       r"loss to rank them by" + FIX + "pass save_steps=20"),
     C("ft-resume-garbage", "finetune", "--manifest_uri {manifest} --dataset {train} --resume_from xyz",
-      r"^resume_from='xyz': is neither a run id \(32 hex digits\) nor 'last'" + FIX,
-      xfail="finetune.prepare also looks the malformed id up and reports resume_from a second time "
-            "('no run with this id'): skip resolve_resume when validate_static flagged resume_from"),
+      r"^resume_from='xyz': is neither a run id \(32 hex digits\) nor 'last'" + FIX),
     C("ft-resume-unknown-run", "finetune", f"--manifest_uri {{manifest}} --dataset {{train}} --resume_from {RUN0}",
       rf"^resume_from='{RUN0}': no run with this id" ),
     C("ft-resume-last-none", "finetune", "--manifest_uri {manifest} --dataset {train} --resume_from last",

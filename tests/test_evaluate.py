@@ -97,11 +97,13 @@ def test_defaults_follow_the_lineage_and_log_everything(tracking, reference):
 def test_scores_are_computed_from_the_answers(tracking, reference, tmp_path, monkeypatch):
     """Hand-worked: tp 3, fp 1, fn 3 -> P 3/4, R 3/6, F1 2*3/(2*3+1+3) = 0.6."""
     model_uri, _ = reference
-    calls = []
+    models, batches = [], []
 
     def answers(model, tokenizer, sentences, **kw):
-        calls.append(kw["batch_size"])
-        if len(calls) == 1:  # the candidate goes first, then the base
+        if model not in models:
+            models.append(model)
+        batches.append((len(models), len(sentences), kw["batch_size"]))
+        if model is models[0]:  # the candidate goes first, then the base
             return [CANDIDATE_ANSWERS[s] for s in sentences]
         return ["" for _ in sentences]
 
@@ -109,7 +111,8 @@ def test_scores_are_computed_from_the_answers(tracking, reference, tmp_path, mon
     data = write_csv(tmp_path / "eval.csv", ROWS)
     res = ev.run(ev.Args(model_uri=model_uri, eval_data=str(data), batch_size=2))
 
-    assert calls == [2, 2]
+    # Batches of 2: two per model, the candidate's first.
+    assert batches == [(1, 2, 2), (1, 1, 2), (2, 2, 2), (2, 1, 2)]
     c = res.candidate
     assert c["slot_precision"] == pytest.approx(3 / 4) and c["slot_recall"] == pytest.approx(3 / 6)
     assert c["slot_f1"] == pytest.approx(0.6)

@@ -292,6 +292,7 @@ def test_bad_hyperparameters_are_all_reported_before_any_run(tracking):
                     "resume_from='yesterday': is neither a run id"):
         assert any(line.startswith(pattern) for line in lines), (pattern, lines)
     assert all("; fix: " in line for line in lines)
+    assert sum(line.startswith("resume_from=") for line in lines) == 1  # one line per problem
     assert not tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
 
 

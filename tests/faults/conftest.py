@@ -21,6 +21,7 @@ def faulty_hub(tmp_path, monkeypatch, tiny_model_dir):
     process and its subprocesses points at the proxy.
     """
     from faults.hubproxy import FaultyProxy
+
     from hubserver import LocalHub, point_hf_hub_at, publish_git_repo
 
     mirror = tmp_path / "mirror"

@@ -83,9 +83,6 @@ class FillAfterFirstCheckpoint(TrainerCallback):
         self.filled_at = state.global_step
 
 
-@pytest.mark.xfail(raises=OSError, strict=True,
-                   reason="CheckpointLogger.finish re-raises the raw OSError (a traceback, no advice): "
-                          "wrap it in a StepError (patch in docs/faults.md) and remove this marker")
 def test_disk_full_while_logging_a_checkpoint(tracking, tiny_model_dir, tmp_path, small_fs, monkeypatch):
     torch.set_num_threads(1)  # restored by the next test's own setting; tiny matmuls only
     manifest = download_snapshot.run(download_snapshot.Args(model=str(tiny_model_dir))).manifest_uri

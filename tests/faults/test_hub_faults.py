@@ -13,13 +13,13 @@ import time
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from faults.conftest import REPO
 from steps import artifacts
 from steps import download_snapshot as ds
 from steps.errors import InputError
 from steps.manifest import load_manifest, sha256_file
 
 from conftest import runs_with_status
-from faults.conftest import REPO
 
 pytestmark = pytest.mark.faults
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from steps import download_snapshot as ds
-
 from faults.conftest import REPO
 from faults.secscan import scan_paths, scan_store
+from steps import download_snapshot as ds
 
 pytestmark = pytest.mark.faults
 
@@ -83,9 +82,9 @@ def test_the_scan_finds_a_planted_secret(tracking, tmp_path):
 @pytest.mark.slow
 def test_the_whole_pipeline_never_stores_the_token(tracking, faulty_hub, secrets_env, tmp_path, venv_env):
     """`main` with every step as its own process (mlflow.projects.run), base from the Hub with a token."""
-    from steps import stepcache
-
     import test_main  # the tiny-model settings and data of the main tests
+
+    from steps import stepcache
 
     test_main._require_all_steps()
     data = test_main.write_dataset(tmp_path / "train.csv", 0, rows=40)

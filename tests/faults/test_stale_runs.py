@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import socket
@@ -15,34 +14,29 @@ import mlflow
 import psutil
 import pytest
 
-import steps.runs
 from steps import artifacts, stale
 from steps import download_snapshot as ds
 from steps.runs import step_run
 
 pytestmark = pytest.mark.faults
 
-# A step process: starts a step run exactly as the steps do, tags itself (in case steps.runs does not
-# yet), prints the run id, then waits for stdin to close or dies by SIGKILL as told.
+# A step process: starts a step run exactly as the steps do (steps.runs.step_run records the process),
+# prints the run id, then waits for stdin to close or dies by SIGKILL as told.
 _STEP = textwrap.dedent("""
     import os, sys
-    import mlflow
-    from steps import stale
     from steps import download_snapshot as ds
     from steps.runs import step_run
 
     with step_run("finetune", ds.Args()) as run:
-        if sys.argv[1] == "self-tag":
-            mlflow.set_tags(stale.process_tags())
         print(run.info.run_id, flush=True)
-        if sys.argv[2] == "die":
+        if sys.argv[1] == "die":
             os.kill(os.getpid(), 9)
         sys.stdin.read()
 """)
 
 
-def start_step(venv_env, tag: str, fate: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", _STEP, tag, fate], env=venv_env, text=True,
+def start_step(venv_env, fate: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", _STEP, fate], env=venv_env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = proc.stdout.readline().strip()
     if not line:
@@ -55,21 +49,13 @@ def killed(proc: subprocess.Popen) -> None:
     assert proc.wait(60) == -signal.SIGKILL
 
 
-def stale_hook_in_step_run() -> bool:
-    return "close_stale_runs" in inspect.getsource(steps.runs.step_run)
-
-
-@pytest.mark.xfail(not stale_hook_in_step_run(), strict=True,
-                   reason="steps.runs.step_run does not call steps.stale yet: apply the 2-line hook in "
-                          "docs/faults.md")
 def test_killed_step_is_closed_as_killed_by_the_next_step_start(tracking, venv_env):
-    """Through steps.runs.step_run only: needs the hook (process tags + close_stale_runs) in step_run."""
-    proc, run_id = start_step(venv_env, "no-tag", "die")
+    """Through steps.runs.step_run only: it records the process and closes stale runs at start."""
+    proc, run_id = start_step(venv_env, "die")
     killed(proc)
     assert tracking.get_run(run_id).info.status == "RUNNING"  # what MLflow leaves behind
     tags = tracking.get_run(run_id).data.tags
-    assert stale.PID_TAG in tags, ("steps.runs.step_run does not record the process: add the hook "
-                                   "proposed in docs/faults.md")
+    assert stale.PID_TAG in tags  # steps.runs.step_run records the process
 
     with step_run("download_snapshot", ds.Args()):  # the next start of any step
         pass
@@ -80,8 +66,8 @@ def test_killed_step_is_closed_as_killed_by_the_next_step_start(tracking, venv_e
 
 
 def test_close_stale_runs_closes_only_dead_processes(tracking, venv_env):
-    alive, alive_id = start_step(venv_env, "self-tag", "wait")
-    dead, dead_id = start_step(venv_env, "self-tag", "die")  # (its own start checks the alive one)
+    alive, alive_id = start_step(venv_env, "wait")
+    dead, dead_id = start_step(venv_env, "die")  # (its own start checks the alive one)
     try:
         killed(dead)
         closed = stale.close_stale_runs()
@@ -115,7 +101,7 @@ def test_other_hosts_are_judged_by_heartbeat_only_when_asked(tracking):
 def test_children_without_a_process_follow_their_dead_parent(tracking, venv_env):
     """`main` creates each child run before the step's process starts; if main dies then, the child run
     has no process of its own and is closed with its parent."""
-    parent_proc, parent_id = start_step(venv_env, "self-tag", "die")
+    parent_proc, parent_id = start_step(venv_env, "die")
     killed(parent_proc)
     exp = tracking.get_run(parent_id).info.experiment_id
     child = tracking.create_run(exp, tags={"mlflow.parentRunId": parent_id, artifacts.STEP_TAG: "finetune"})

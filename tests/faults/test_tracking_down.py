@@ -9,7 +9,6 @@ server is noticed in seconds (the README says how to set them).
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import subprocess
@@ -22,8 +21,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-import steps.cli
-import steps.runs
 from steps import artifacts, stepcache
 
 from conftest import ROOT
@@ -32,11 +29,6 @@ from hubserver import free_port
 pytestmark = pytest.mark.faults
 
 QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-# Until steps/cli.py turns "tracking server down" into one line (patch in docs/faults.md), a step
-# ends with MLflow's traceback.
-needs_cli_fix = pytest.mark.xfail(
-    "tracking server" not in inspect.getsource(steps.cli), strict=True,
-    reason="steps.cli.run_cli prints MLflow's traceback when the tracking server is down")
 
 
 class TrackingServer:
@@ -106,7 +98,6 @@ def _error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
 
 
-@needs_cli_fix
 def test_step_against_a_stopped_server_fails_with_one_line(tracking_server, tiny_model_dir, venv_env):
     tracking_server.stop()
     env = dict(venv_env, **QUICK_HTTP, MLFLOW_TRACKING_URI=tracking_server.uri)
@@ -124,7 +115,6 @@ def _runs(server, step: str) -> list:
 
 
 @pytest.mark.slow
-@needs_cli_fix
 def test_server_stopped_mid_pipeline_then_resumed(tracking_server, tiny_model_dir, tmp_path, venv_env):
     import test_main  # the tiny-model settings and data of the main tests
 
@@ -172,5 +162,4 @@ def test_server_stopped_mid_pipeline_then_resumed(tracking_server, tiny_model_di
     # next start when their process died with the server down).
     left = [r.info.run_id for r in tracking_server.client.search_runs([tracking_server.experiment_id])
             if r.info.status == "RUNNING"]
-    if "close_stale_runs" in inspect.getsource(steps.runs.step_run):
-        assert left == []
+    assert left == []
