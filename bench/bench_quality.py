@@ -97,11 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget")
     parser.add_argument("--max_steps", type=int, default=400)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--lora_alpha", type=float, default=32.0)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--eval_steps", type=int, default=50)
+    from steps.finetune import Args as FinetuneArgs
+
+    d = FinetuneArgs()  # the pipeline's defaults unless overridden
+    parser.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    parser.add_argument("--lora_r", type=int, default=d.lora_r)
+    parser.add_argument("--lora_alpha", type=float, default=d.lora_alpha)
+    parser.add_argument("--batch_size", type=int, default=d.batch_size)
+    parser.add_argument("--eval_steps", type=int, default=100)
     parser.add_argument("--eval_examples", type=int, default=0, help="0 = the whole held-out split")
     parser.add_argument("--shifted_examples", type=int, default=200)
     parser.add_argument("--workdir", default="")

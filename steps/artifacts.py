@@ -26,12 +26,66 @@ FULL_MODEL_ARTIFACT = "full_model"  # a complete checkpoint dir (full-model logg
 BASE_REF_ARTIFACT = "base_reference.json"  # the snapshot manifest the model refers to
 TRAINER_STATE_ARTIFACT = "trainer_state"  # optimizer/scheduler/RNG, for resume
 PERSISTED_BASE_ARTIFACT = "base"  # the base weights once persist_and_register copied them in
+# size + sha256 of every file of the weight artifacts above (adapter / full_model), recorded at
+# logging and checked at every load: the base is checked against its manifest, this checks the rest.
+ARTIFACT_DIGESTS = "artifact_digests.json"
+DIGESTED_ARTIFACTS = (ADAPTER_ARTIFACT, FULL_MODEL_ARTIFACT)
 
 # --- tags --------------------------------------------------------------------------------------
 OUTPUT_TAG_PREFIX = "pipeline.output."
 STEP_TAG = "pipeline.step"
 GIT_COMMIT_TAG = "pipeline.git_commit"
 INPUT_DIGEST_TAG_PREFIX = "pipeline.input_digest."
+
+# --- step outputs (the <key> of pipeline.output.<key>) ------------------------------------------
+CHECKPOINT_OUTPUT = "checkpoint"  # finetune: its best checkpoint model
+VALIDATION_DATA_OUTPUT = "validation_data"  # finetune: runs:/<run>/data/validation.jsonl
+MODEL_OUTPUT = "model"  # log_reference / persist_and_register: models:/<id>
+VALIDATION_DATA_PATH = "data/validation.jsonl"  # finetune's held-out split, read by evaluate_checkpoint
+EVAL_TABLE_FILE = "eval_table.json"  # evaluate_checkpoint's per-example table
+SUMMARY_TABLE_FILE = "summary/steps.json"  # main's summary, machine-readable
+SUMMARY_TEXT_FILE = "summary/steps.txt"  # main's summary, as printed
+
+# --- inside logged models -----------------------------------------------------------------------
+MLMODEL_FILE = "MLmodel"
+MODEL_ARTIFACTS_DIR = "artifacts"  # where pyfunc keeps `artifacts=` inside a model
+KIND_ADAPTER = "adapter"  # value of MODEL_KIND_TAG
+KIND_FULL = "full"
+
+# --- lineage tags (runs and logged models) ------------------------------------------------------
+# On a logged model: the model it was made from (evaluate_checkpoint follows it back to the finetune
+# run's held-out split; persist_and_register records it as lineage).
+SOURCE_MODEL_TAG = "pipeline.source_model"
+MODEL_KIND_TAG = "pipeline.model_kind"  # adapter | full
+EVAL_RUN_TAG = "pipeline.eval_run_id"  # on an evaluated model: the run that evaluated it
+DATASET_DIGEST_TAG = "dataset.digest"  # on the finetune run
+MANIFEST_DIGEST_TAG = "base.manifest_digest"  # on the download_snapshot run
+RESUMED_FROM_TAG = "finetune.resumed_from"
+CHECKPOINT_STEP_TAG = "finetune.global_step"  # on checkpoint models
+CHECKPOINT_EVAL_LOSS_TAG = "finetune.eval_loss"
+BEST_TAG = "finetune.best"
+
+# --- registry (persist_and_register) ------------------------------------------------------------
+CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"
+# On the persisted logged model and on the registered version: the model it was made from.
+# Idempotency searches by it, so one source model never gets two versions.
+SOURCE_MODEL_ID_TAG = "persist.source_model_id"
+PERSIST_STATE_TAG = "persist.state"  # on the persisted logged model: one of the three below
+STATE_COPYING, STATE_COMPLETE, STATE_DISCARDED = "copying", "complete", "discarded"
+LINEAGE_PREFIX = "lineage."
+EVAL_PREFIX = "eval."
+GATE_PREFIX = "gate."
+
+# --- process bookkeeping (stale-run detection) and the step cache -------------------------------
+HOST_TAG = "pipeline.host"
+PID_TAG = "pipeline.pid"
+PID_STARTED_TAG = "pipeline.pid_started"
+HEARTBEAT_TAG = "pipeline.heartbeat"
+STALE_REASON_TAG = "pipeline.stale_reason"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own
+CACHE_KEY_TAG = "pipeline.cache.key"
+CODE_VERSION_TAG = "pipeline.cache.code_version"
 
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})/(?P<path>.+)$")
 _MODELS_ID_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")

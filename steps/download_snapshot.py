@@ -147,12 +147,19 @@ def _retrying(fn: Callable[[], T], args: Args, endpoint: str, what: str) -> T:
         RevisionNotFoundError,
     )
 
-    final = (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError,
-             LocalEntryNotFoundError)
+    final = (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, EntryNotFoundError)
     attempts = args.hub_retries + 1
     for attempt in range(attempts):
         try:
             return fn()
+        except LocalEntryNotFoundError as err:
+            # Offline, the file is simply not cached: final. Online, hf_hub_download raises it when
+            # the file's metadata request failed (a 5xx or a dropped connection after its own
+            # retries) and no cached copy exists: the Hub is the problem, so retry like any 5xx.
+            # (Caught before `final`: it subclasses EntryNotFoundError.)
+            if _offline():
+                raise
+            last = err
         except final:
             raise
         except HfHubHTTPError as err:
@@ -399,7 +406,7 @@ def run(args: Args) -> Result:
         mlflow.log_metric("snapshot_files", len(manifest.files))
         uri = artifacts.manifest_uri(run_id)
         mlflow.set_tags({"base.reference": manifest.reference(), "base.source": kind,
-                         "base.manifest_digest": manifest.digest()})
+                         artifacts.MANIFEST_DIGEST_TAG: manifest.digest()})
         artifacts.set_outputs(mlflow.MlflowClient(), run_id, {"manifest": uri})
     log.info("pinned %s -> %s", manifest.reference(), uri)
     return Result(run_id=run_id, manifest_uri=uri, source=kind, reference=manifest.reference(),

@@ -34,12 +34,11 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT = "evaluate_checkpoint"
 LOG_REFERENCE_ENTRY_POINT = "log_reference"
-# TODO(lead): move to steps/artifacts.py.
-EVAL_TABLE_FILE = "eval_table.json"
-EVAL_RUN_TAG = "pipeline.eval_run_id"  # on the logged model: the run that evaluated it
-VALIDATION_DATA_OUTPUT = "validation_data"  # finetune's output: runs:/<run>/data/validation.jsonl
-SOURCE_MODEL_TAG = "pipeline.source_model"  # same constant as steps/log_reference.py
-MODEL_OUTPUT = "model"
+EVAL_TABLE_FILE = artifacts.EVAL_TABLE_FILE
+EVAL_RUN_TAG = artifacts.EVAL_RUN_TAG
+VALIDATION_DATA_OUTPUT = artifacts.VALIDATION_DATA_OUTPUT
+SOURCE_MODEL_TAG = artifacts.SOURCE_MODEL_TAG
+MODEL_OUTPUT = artifacts.MODEL_OUTPUT
 # Lineage hops followed to find the held-out split (log_reference -> checkpoint -> finetune run, and
 # persist_and_register adds one more); a loop in the tags stops here instead of spinning.
 _MAX_LINEAGE_HOPS = 6

@@ -37,15 +37,12 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT = "log_reference"
 FINETUNE_ENTRY_POINT = "finetune"
-# TODO(lead): move to steps/artifacts.py. Tag on a logged model naming the model it was made from
-# (lineage: evaluate_checkpoint follows it to find the held-out split of the finetune run).
-SOURCE_MODEL_TAG = "pipeline.source_model"
-MODEL_KIND_TAG = "pipeline.model_kind"  # adapter | full
-CHECKPOINT_OUTPUT = "checkpoint"  # finetune's output tag: its best checkpoint
-MODEL_OUTPUT = "model"
-
-KIND_ADAPTER = "adapter"
-KIND_FULL = "full"
+SOURCE_MODEL_TAG = artifacts.SOURCE_MODEL_TAG
+MODEL_KIND_TAG = artifacts.MODEL_KIND_TAG
+CHECKPOINT_OUTPUT = artifacts.CHECKPOINT_OUTPUT
+MODEL_OUTPUT = artifacts.MODEL_OUTPUT
+KIND_ADAPTER = artifacts.KIND_ADAPTER
+KIND_FULL = artifacts.KIND_FULL
 # Files of a full checkpoint that serving needs; optimizer/scheduler states and pickles are left out.
 _FULL_MODEL_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
                         "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
@@ -350,7 +347,7 @@ def run(args: Args) -> Result:
         tags = {SOURCE_MODEL_TAG: (artifacts.model_uri(source_model_id) if source_model_id
                                    else source),
                 MODEL_KIND_TAG: kind, "base.reference": manifest.reference(),
-                "base.manifest_digest": manifest.digest()}
+                artifacts.MANIFEST_DIGEST_TAG: manifest.digest()}
         with step_run(ENTRY_POINT, args) as active:
             run_id = active.info.run_id
             log.info("logging %s model referring to %s", kind, manifest.reference())

@@ -39,9 +39,8 @@ ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 # local.py); it is how `main` learns what `mlflow run --env-manager` it was started with.
 PROJECT_ENV_TAG = "mlflow.project.env"
 STEP_RUN_TAG_PREFIX = "pipeline.steps."  # on the main run: pipeline.steps.<entry point> = run id
-# TODO(lead): move to steps/artifacts.py with the other artifact names.
-SUMMARY_TABLE_FILE = "summary/steps.json"
-SUMMARY_TEXT_FILE = "summary/steps.txt"
+SUMMARY_TABLE_FILE = artifacts.SUMMARY_TABLE_FILE
+SUMMARY_TEXT_FILE = artifacts.SUMMARY_TEXT_FILE
 
 
 @dataclass(frozen=True)

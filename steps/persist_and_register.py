@@ -42,24 +42,25 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT = "persist_and_register"
 
-# TODO(lead): move to steps/artifacts.py -------------------------------------------------------
-CHAMPION_ALIAS = "champion"
-CHALLENGER_ALIAS = "challenger"
-# On the persisted logged model and on the registered version: the model it was made from.
-# Idempotency searches by it, so one source model never gets two versions.
-SOURCE_MODEL_ID_TAG = "persist.source_model_id"
-PERSIST_STATE_TAG = "persist.state"  # on the persisted logged model: one of the three below
-STATE_COPYING, STATE_COMPLETE, STATE_DISCARDED = "copying", "complete", "discarded"
-EVAL_RUN_TAG = "pipeline.eval_run_id"  # written by evaluate_checkpoint on the evaluated model
-SOURCE_MODEL_TAG = "pipeline.source_model"  # written by log_reference: the checkpoint it came from
-DATASET_DIGEST_TAG = "dataset.digest"  # written by finetune on its run
+from steps.artifacts import (  # noqa: E402  (names shared with the other steps, re-exported)
+    CHALLENGER_ALIAS,
+    CHAMPION_ALIAS,
+    DATASET_DIGEST_TAG,
+    EVAL_PREFIX,
+    EVAL_RUN_TAG,
+    GATE_PREFIX,
+    LINEAGE_PREFIX,
+    MLMODEL_FILE,
+    MODEL_ARTIFACTS_DIR,
+    PERSIST_STATE_TAG,
+    SOURCE_MODEL_ID_TAG,
+    SOURCE_MODEL_TAG,
+    STATE_COMPLETE,
+    STATE_COPYING,
+    STATE_DISCARDED,
+)
+
 FINETUNE_ENTRY_POINT = "finetune"
-LINEAGE_PREFIX = "lineage."
-EVAL_PREFIX = "eval."
-GATE_PREFIX = "gate."
-MLMODEL_FILE = "MLmodel"
-MODEL_ARTIFACTS_DIR = "artifacts"  # where pyfunc keeps `artifacts=` inside a model
-# ----------------------------------------------------------------------------------------------
 
 DEFAULT_REGISTERED_NAME = "e2e-extractor"
 # Metrics for which lower is better; every other metric is "higher is better".
@@ -536,6 +537,15 @@ def _download_source_files(source: Source, dest: Path) -> None:
         walk(None)
 
 
+def _verify_source_files(source: Source, local: Path) -> None:
+    from steps.serving import verify_artifacts
+
+    arts = (source.mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
+    paths = {name: local / spec["path"] for name, spec in arts.items()
+             if name not in _SKIP_ARTIFACTS and (local / spec["path"]).exists()}
+    verify_artifacts(paths, artifacts.model_uri(source.model_id))
+
+
 def _write_mlmodel(source: Source, new, run_id: str, dest: Path) -> None:
     """The source's MLmodel, re-identified as the new model, with `base` among its artifacts."""
     from datetime import UTC, datetime
@@ -583,6 +593,8 @@ def persist(client, source: Source, run, lineage: dict[str, str]):
             small = Path(tmp) / "model"
             small.mkdir()
             _download_source_files(source, small)
+            # Never register a copy of a corrupt adapter: check it against its logged digests first.
+            _verify_source_files(source, small)
             client.log_model_artifacts(new.model_id, str(small))
             stats: PersistStats = persist_files(
                 src_root, source.manifest, new.artifact_location,

@@ -6,9 +6,11 @@ without any error (tests/test_serving.py shows it). This model instead stores
   * `adapter/` (PEFT adapter, a few MB) or `full_model/` (a complete checkpoint, copied file by file),
   * `base_reference.json` (the snapshot manifest: repo id + commit, or artifact URI, and every
     file's sha256),
+  * `artifact_digests.json` (size and sha256 of every adapter / full-model file, taken at logging),
   * optionally `trainer_state/` (optimizer, scheduler, RNG: finetune checkpoints, for resume),
   * optionally `base/` (the base weights, once persist_and_register copied them in),
-and on load resolves the base from the pinned reference, checks every digest, and applies the adapter.
+and on load resolves the base from the pinned reference, checks every digest (base and adapter),
+and applies the adapter.
 
 Serving: input column `prompt` (sentences); params `temperature`, `max_new_tokens`, `do_sample`,
 `batch_size`; output columns `mr` (normalised MR, or the raw text if unparsable), `attributes`
@@ -32,7 +34,7 @@ import mlflow.pyfunc
 from steps import artifacts as names
 from steps.cache import cache_dir, publish_dir, temp_dir_beside
 from steps.errors import StepError
-from steps.manifest import Manifest, verify_dir
+from steps.manifest import Manifest, describe_dir, sha256_file, verify_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,50 @@ def _sentences(model_input: Any) -> list[str]:
     return [str(x) for x in model_input]
 
 
+# --- digests of the model's own weight files ---------------------------------------------------
+def describe_artifacts(dirs: dict[str, Path]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{artifact: {relative path: {size, sha256}}} for the weight artifacts being logged."""
+    return {name: {e.path: {"size": e.size, "sha256": e.sha256} for e in describe_dir(d)}
+            for name, d in dirs.items() if name in names.DIGESTED_ARTIFACTS}
+
+
+def verify_artifacts(paths: dict[str, Any], model: str = "the model") -> None:
+    """Check the adapter / full-model files against the digests recorded when they were logged.
+
+    `paths` maps artifact names to local paths (a pyfunc context's `artifacts`). A file that is
+    missing, or whose size or sha256 differ, is a StepError naming it: a flipped byte in an adapter
+    otherwise loads silently different LoRA weights.
+    """
+    digest_file = paths.get(names.ARTIFACT_DIGESTS)
+    if digest_file is None:
+        log.warning("%s records no %s (logged by an older version): its adapter / full-model files "
+                    "are not checked", model, names.ARTIFACT_DIGESTS)
+        return
+    recorded = json.loads(Path(digest_file).read_text())
+    checked = 0
+    for name, files in recorded.items():
+        if name not in paths:
+            raise StepError(f"{model} lists artifact {name!r} in {names.ARTIFACT_DIGESTS}, but it is "
+                            "missing from the model: the logged model is incomplete; log it again")
+        root = Path(paths[name])
+        for rel, want in sorted(files.items()):
+            f = root / rel
+            where = f"{name} file {rel} of {model}"
+            if not f.is_file():
+                raise StepError(f"{where} is missing: the logged model is incomplete; log it again")
+            size = f.stat().st_size
+            if size != want["size"]:
+                raise StepError(f"digest mismatch for {where}: size {size} != {want['size']} recorded "
+                                "at logging; the stored model was modified or is corrupt: log it again")
+            digest = sha256_file(f)
+            if digest != want["sha256"]:
+                raise StepError(f"digest mismatch for {where}: sha256 {digest[:12]}… != "
+                                f"{want['sha256'][:12]}… recorded at logging; the stored model was "
+                                "modified or is corrupt: log it again")
+            checked += 1
+    log.info("verified %d model files against %s", checked, names.ARTIFACT_DIGESTS)
+
+
 class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
@@ -198,6 +244,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         arts = context.artifacts
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
         self.manifest = manifest
+        verify_artifacts(arts)
         if names.FULL_MODEL_ARTIFACT in arts:
             path = Path(arts[names.FULL_MODEL_ARTIFACT])
             self.model, self.tokenizer = load_causal_lm(path), load_tokenizer(path)
@@ -289,6 +336,11 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             arts[names.TRAINER_STATE_ARTIFACT] = str(trainer_state_dir)
         if persisted_base_dir is not None:
             arts[names.PERSISTED_BASE_ARTIFACT] = str(persisted_base_dir)
+        # Hashing reads the files once (an adapter: a few MB; a full checkpoint: ~0.5 s per GB).
+        digests = Path(tmp) / names.ARTIFACT_DIGESTS
+        digests.write_text(json.dumps(describe_artifacts(
+            {k: Path(v) for k, v in arts.items()}), indent=1, sort_keys=True))
+        arts[names.ARTIFACT_DIGESTS] = str(digests)
         kwargs = dict(
             name=name,
             python_model=E2EExtractor(),

@@ -31,14 +31,13 @@ from steps import artifacts
 
 log = logging.getLogger(__name__)
 
-# TODO(lead): move these tag names to steps/artifacts.py with the other tags.
-HOST_TAG = "pipeline.host"
-PID_TAG = "pipeline.pid"
-PID_STARTED_TAG = "pipeline.pid_started"
-HEARTBEAT_TAG = "pipeline.heartbeat"
-STALE_REASON_TAG = "pipeline.stale_reason"
+HOST_TAG = artifacts.HOST_TAG
+PID_TAG = artifacts.PID_TAG
+PID_STARTED_TAG = artifacts.PID_STARTED_TAG
+HEARTBEAT_TAG = artifacts.HEARTBEAT_TAG
+STALE_REASON_TAG = artifacts.STALE_REASON_TAG
 STEP_TAG = artifacts.STEP_TAG
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = artifacts.PARENT_TAG
 # psutil reports create_time with 1/100 s resolution (Linux clock ticks); a float round-trip through a
 # tag string keeps 6 decimals. 1 s of tolerance is far above both and far below any pid reuse interval.
 _START_TOLERANCE_S = 1.0

@@ -31,11 +31,10 @@ from steps import artifacts
 
 log = logging.getLogger(__name__)
 
-# TODO(lead): move these tag names into steps/artifacts.py with the other tags.
-CACHE_KEY_TAG = "pipeline.cache.key"
-CODE_VERSION_TAG = "pipeline.cache.code_version"
+CACHE_KEY_TAG = artifacts.CACHE_KEY_TAG
+CODE_VERSION_TAG = artifacts.CODE_VERSION_TAG
 INPUT_DIGEST_TAG_PREFIX = artifacts.INPUT_DIGEST_TAG_PREFIX
-MANIFEST_DIGEST_TAG = "base.manifest_digest"  # set by download_snapshot
+MANIFEST_DIGEST_TAG = artifacts.MANIFEST_DIGEST_TAG
 
 # What makes up the pipeline's behaviour: a change here is a code change for the cache; a change to
 # tests, benchmarks or docs is not (it cannot change what a step produces).

@@ -149,7 +149,9 @@ def test_answer_only_loss_equals_full_logits_masked_loss(tiny_model_dir):
 def test_training_updates_lora_only_and_every_checkpoint_reloads_with_equal_logits(
         tracking, manifest_uri, small_csv):
     probe = Probe()
-    result = finetune.run(fast_args(manifest_uri, small_csv), callbacks=[probe])
+    # fp32: under bf16 autocast the in-memory model's own forward runs in bf16 (Accelerate patches
+    # it), so its logits differ from any fp32 reload by ~1e-3; bf16 is checked on weights below.
+    result = finetune.run(fast_args(manifest_uri, small_csv, precision="fp32"), callbacks=[probe])
 
     # LoRA weights moved, every base weight is bit-identical.
     lora = [k for k in probe.start if "lora_" in k]
@@ -202,12 +204,45 @@ def test_training_updates_lora_only_and_every_checkpoint_reloads_with_equal_logi
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second"):
         assert sorted(loss_history(result.run_id, key)) == [1, 2, 3, 4], key
     assert sorted(evals) == [2, 4]
-    assert run.data.params["lora_r"] == "16" and run.data.params["lora.scale"] == "2.0"
+    assert run.data.params["lora_r"] == "4" and run.data.params["lora.scale"] == "2.0"
     assert run.data.params["trainer.world_size"] == "1"
     inputs = run.inputs.dataset_inputs
     training = [d for d in inputs if any(t.value == "training" for t in d.tags)]
     assert len(training) == 1 and training[0].dataset.digest == run.data.tags["dataset.digest"]
     assert run.info.status == "FINISHED" and run.data.tags[artifacts.STEP_TAG] == "finetune"
+
+
+def test_bf16_training_logs_the_exact_fp32_weights(tracking, manifest_uri, small_csv):
+    from safetensors.torch import load_file
+
+    probe = Probe()
+    result = finetune.run(fast_args(manifest_uri, small_csv, max_steps=2, precision="bf16"),
+                          callbacks=[probe])
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.data.params["precision"] == "bf16" and run.data.params["trainer.precision"] == "bf16"
+    # Autocast changes the arithmetic, not the stored weights: still fp32, LoRA moved, base did not.
+    lora_b = [k for k in probe.end if "lora_B" in k]
+    assert lora_b and all(probe.end[k].dtype == torch.float32 for k in probe.end)
+    assert all(not torch.equal(probe.start[k], probe.end[k]) for k in lora_b)
+    assert all(torch.equal(probe.start[k], probe.end[k]) for k in probe.start if "lora_" not in k)
+    # The last checkpoint's adapter holds exactly the in-memory weights of the end of training.
+    ckpts = checkpoint_models(result.run_id)
+    files = list(_model_dir(ckpts[max(ckpts)].model_id).rglob("adapter_model.safetensors"))
+    assert len(files) == 1
+    saved = load_file(str(files[0]))
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    mem = {k: v for k, v in probe.end.items() if "lora_" in k}
+    assert len(saved) == len(mem)
+    for key, value in saved.items():
+        match = [k for k in mem if k.replace(".default", "") == key]
+        assert len(match) == 1, key
+        assert torch.equal(value, mem[match[0]]), key
+
+
+def test_resolve_precision():
+    assert finetune.resolve_precision("fp32") == "fp32"
+    assert finetune.resolve_precision("bf16") == "bf16"
+    assert finetune.resolve_precision("auto") in ("bf16", "fp32")
 
 
 def _model_dir(model_id: str):
@@ -282,13 +317,15 @@ def test_early_stopping_waits_patience_evaluations_and_saves_where_it_stops():
 # --- bad input ------------------------------------------------------------------------------------
 def test_bad_hyperparameters_are_all_reported_before_any_run(tracking):
     args = finetune.Args(manifest_uri="", lora_r=0, learning_rate=-1.0, batch_size=0, lora_dropout=1.0,
-                         save_steps=15, eval_steps=10, lr_scheduler="exp", resume_from="yesterday")
+                         save_steps=15, eval_steps=10, lr_scheduler="exp", resume_from="yesterday",
+                         precision="fp16")
     with pytest.raises(InputError) as info:
         finetune.run(args)
     lines = info.value.lines()
     for pattern in ("manifest_uri='': is empty", "lora_r=0: must be > 0", "learning_rate=-1.0: must be > 0",
                     "batch_size=0: must be > 0", "lora_dropout=1.0: must be in [0, 1)",
                     "save_steps=15: is not a multiple of eval_steps=10", "lr_scheduler='exp': is not supported",
+                    "precision='fp16': is not supported",
                     "resume_from='yesterday': is neither a run id"):
         assert any(line.startswith(pattern) for line in lines), (pattern, lines)
     assert all("; fix: " in line for line in lines)

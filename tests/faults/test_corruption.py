@@ -123,9 +123,6 @@ def test_flipped_byte_in_the_cached_base(tracking, tiny_model_dir, adapter_dir, 
         mlflow.pyfunc.load_model(model_uri)
 
 
-@pytest.mark.xfail(strict=True, reason="serving.log_e2e_model records no digest of the adapter files: "
-                   "a flipped byte in adapter_model.safetensors loads silently different LoRA weights. "
-                   "Fix proposed in docs/faults.md; remove this marker with it")
 def test_flipped_byte_in_the_logged_adapter(tracking, tiny_model_dir, adapter_dir, fresh_cache):
     _, model_uri = logged_model(tracking, tiny_model_dir, adapter_dir)
     model_id = artifacts.parse_model_id_uri(model_uri)

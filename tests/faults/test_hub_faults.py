@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from huggingface_hub.errors import LocalEntryNotFoundError
 
 from faults.conftest import REPO
 from steps import artifacts
@@ -88,10 +87,6 @@ def test_file_download_5xx_is_retried_then_fails_clearly(tracking, faulty_hub, t
 
 
 @pytest.mark.slow  # huggingface_hub retries a failed HEAD 5 times itself (1+2+4+8+8 = 23 s) per attempt
-@pytest.mark.xfail(strict=True, raises=LocalEntryNotFoundError,
-                   reason="download_snapshot._retrying treats hf_hub_download's LocalEntryNotFoundError "
-                          "(raised after a 5xx on a file's HEAD) as final: a raw traceback, no retry. "
-                          "Fix proposed in docs/faults.md; remove this marker with it")
 def test_file_metadata_5xx_fails_clearly(tracking, faulty_hub, tiny_model_dir):
     faulty_hub.fail_matching("/resolve/", 503, methods=("HEAD",))
     with pytest.raises(InputError, match=UNREACHABLE.format(what=r"download config\.json", n=1)):
