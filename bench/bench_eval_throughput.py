@@ -61,6 +61,8 @@ def _fresh_adapter(base_dir: Path, out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=BATCH_SIZE,
+                        help="ours: sentences per generate call (default: evaluate_checkpoint's)")
     parser.add_argument("--adapter_dir", default="", help="a PEFT adapter folder for the default base")
     parser.add_argument("--model", default="default", help="base for download_snapshot")
     opts = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
     ours_model.predict(pd.DataFrame({"prompt": sentences[:2]}), params={"max_new_tokens": 4})  # warm-up
     t0 = time.perf_counter()
     ours_out = ours_model.predict(pd.DataFrame({"prompt": sentences}),
-                                  params={"batch_size": BATCH_SIZE, "max_new_tokens": MAX_NEW_TOKENS})
+                                  params={"batch_size": opts.batch_size, "max_new_tokens": MAX_NEW_TOKENS})
     ours_s = time.perf_counter() - t0
     # Tokens generated, counted from the answers (+1 for the end-of-sequence token): the `mr` column
     # holds the normalised MR, or the raw text when it did not parse.
@@ -135,7 +137,7 @@ def main() -> None:
     agree = sum(parse_mr(a.strip()) == parse_mr(m) for a, m in zip(base_answers, ours_out["mr"], strict=True))
     n = len(sentences)
     print(f"\nP3  evaluation throughput on {n} sentences (goal >= 8x)")
-    print(f"    ours (E2EExtractor, batch {BATCH_SIZE}):        {ours_s:7.1f} s  {n / ours_s:6.2f} sent/s  "
+    print(f"    ours (E2EExtractor, batch {opts.batch_size}):        {ours_s:7.1f} s  {n / ours_s:6.2f} sent/s  "
           f"{ours_tokens / ours_s:7.1f} tok/s  ({ours_tokens} tokens)")
     print(f"    mlflow.transformers pyfunc (defaults):  {base_s:7.1f} s  {n / base_s:6.2f} sent/s  "
           f"{base_tokens / base_s:7.1f} tok/s  ({base_tokens} tokens)")
