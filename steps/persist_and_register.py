@@ -35,14 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from steps import artifacts
-from steps.cli import param, run_cli
-from steps.errors import InputError, Problem, Problems, StepError
-
-log = logging.getLogger(__name__)
-
-ENTRY_POINT = "persist_and_register"
-
-from steps.artifacts import (  # noqa: E402  (names shared with the other steps, re-exported)
+from steps.artifacts import (  # shared with the other steps; re-exported for callers and tests
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
     DATASET_DIGEST_TAG,
@@ -59,6 +52,12 @@ from steps.artifacts import (  # noqa: E402  (names shared with the other steps,
     STATE_COPYING,
     STATE_DISCARDED,
 )
+from steps.cli import param, run_cli
+from steps.errors import InputError, Problem, Problems, StepError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT = "persist_and_register"
 
 FINETUNE_ENTRY_POINT = "finetune"
 
