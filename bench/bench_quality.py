@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--lora_r", type=int, default=d.lora_r)
     parser.add_argument("--lora_alpha", type=float, default=d.lora_alpha)
     parser.add_argument("--batch_size", type=int, default=d.batch_size)
+    parser.add_argument("--augment_fraction", type=float, default=d.augment_fraction)
     parser.add_argument("--eval_steps", type=int, default=100)
     parser.add_argument("--eval_examples", type=int, default=0, help="0 = the whole held-out split")
     parser.add_argument("--shifted_examples", type=int, default=200)
@@ -123,7 +124,7 @@ def main() -> None:
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("bench-quality")
-    from steps import download_snapshot, evaluate_checkpoint, finetune, log_reference
+    from steps import download_snapshot, e2e, evaluate_checkpoint, finetune, log_reference
 
     snap = download_snapshot.run(download_snapshot.Args())
     budget = _time_budget_callback(opts.minutes * 60)
@@ -133,7 +134,8 @@ def main() -> None:
         # shop], eatType[restaurant]), which the MR format of this task does not allow.
         manifest_uri=snap.manifest_uri, dataset=str(DATA), skip_malformed=True, validation_fraction=0.1,
         learning_rate=opts.learning_rate, lora_r=opts.lora_r, lora_alpha=opts.lora_alpha,
-        batch_size=opts.batch_size, max_steps=opts.max_steps, eval_steps=opts.eval_steps,
+        batch_size=opts.batch_size, augment_fraction=opts.augment_fraction, max_steps=opts.max_steps,
+        eval_steps=opts.eval_steps,
         save_steps=opts.eval_steps, warmup_steps=10), callbacks=[budget])
     train_wall = time.perf_counter() - t0
     ref = log_reference.run(log_reference.Args(checkpoint_uri=ft.checkpoint_uri))
@@ -145,6 +147,9 @@ def main() -> None:
             .read_text().splitlines() if line.strip()]
     all_mrs = open(DATA, encoding="utf-8").read()
     assert not any(n in all_mrs for n in UNSEEN_NAMES), "an 'unseen' name occurs in the data"
+    # Nor in what augmentation writes: the probe's names share no word with its synthetic names.
+    augment_words = set(e2e._NAME_FIRST) | set(e2e._NAME_SECOND)
+    assert not {w for n in UNSEEN_NAMES for w in n.split()} & augment_words, "probe name in augmentation"
     probe = shifted(rows)
     random.Random(1).shuffle(probe)
     probe = probe[: opts.shifted_examples]
@@ -157,7 +162,7 @@ def main() -> None:
     print(f"\nfinetune: {ft.global_step} steps x batch {opts.batch_size} in {train_wall / 60:.1f} min "
           f"wall ({'stopped by the ' + str(opts.minutes) + '-minute budget' if stopped else 'max_steps reached'}); "
           f"best checkpoint step {ft.best_step} (eval loss {ft.best_eval_loss:.4f}); lr {opts.learning_rate}, "
-          f"LoRA r {opts.lora_r}")
+          f"LoRA r {opts.lora_r}, augment_fraction {opts.augment_fraction}")
     _table(f"held-out MRs of devset-cleaned ({held.examples} examples, {held.eval_data})",
            held.candidate, held.base)
     _table(f"shifted probe: unseen names, pub/restaurant for coffee shop ({shift.examples} examples)",

@@ -17,11 +17,13 @@ _SLOT_LOWER = {s.lower(): s for s in SLOTS}
 # `slot[value]`: slot names are words and spaces; values are anything but brackets.
 _ITEM = re.compile(r"\s*([A-Za-z][A-Za-z ]*?)\s*\[([^\[\]]*)\]\s*(?:,|$)")
 
-SYSTEM_PROMPT = "You extract restaurant attributes."
-INSTRUCTION = (
-    "Write the meaning representation of this sentence as slot[value] pairs, using only the slots "
-    "name, eatType, food, priceRange, customer rating, area, familyFriendly, near.\nSentence: "
-)
+# The prompt is short on purpose: the fine-tuned model learns the format from its targets, and every
+# prompt token is paid in every training step and every generation. With SmolLM2's chat template,
+# over the first 500 sentences of the E2E dev set: 52.7 prompt tokens on average here, against 87.7
+# with an instruction listing the slots; with the 33-token answers a training example shrinks from
+# 120.7 to 85.7 tokens (-29%), and evaluation prefills 40% fewer tokens.
+SYSTEM_PROMPT = "Extract the restaurant's attributes as slot[value] pairs."
+INSTRUCTION = ""
 
 
 def _clean(value: str) -> str:
@@ -137,3 +139,61 @@ def f1(tp: int, fp: int, fn: int) -> float:
     # 2TP / (2TP + FP + FN); an example with nothing expected and nothing predicted is perfect.
     denom = 2 * tp + fp + fn
     return 1.0 if denom == 0 else 2 * tp / denom
+
+
+# --- augmentation: read values from the sentence, not from memory ------------------------------
+# The E2E training data names few restaurants (the cleaned dev split: 20 names; eatType coffee shop in
+# 2,998 well-formed rows against 150 restaurant and 3 pub), so a model can score well by recalling its training names and
+# types instead of reading them. Rewriting some training rows with names it has never seen, and with
+# the eatType changed, makes copying from the sentence the only way to get those rows right.
+# Names are made from two word lists (24 x 24 = 576 names, 1,152 with "The"; at most 8 tokens with
+# SmolLM2's tokenizer, so a rewritten row stays far below max_seq_length); bench/bench_quality.py checks its probe names share no word with them.
+_NAME_FIRST = ("Amber", "Birch", "Crimson", "Dapper", "Elm", "Foxglove", "Granite", "Hazel", "Indigo",
+               "Jasper", "Kestrel", "Linden", "Maple", "Nutmeg", "Orchid", "Pebble", "Quince", "Rowan",
+               "Sorrel", "Thistle", "Umber", "Willow", "Yarrow", "Zephyr")
+_NAME_SECOND = ("Arms", "Bistro", "Corner", "Den", "Garden", "Grill", "Inn", "Kitchen", "Lodge", "Mill",
+                "Nook", "Oak", "Parlour", "Place", "Rooms", "Spoon", "Station", "Tavern", "Terrace",
+                "Vault", "Wharf", "Yard", "Bell", "Crown")
+EAT_TYPES = ("coffee shop", "pub", "restaurant")
+AUGMENTED_SLOTS = ("name", "near")
+
+
+def synthetic_name(rng) -> str:
+    first, second = rng.choice(_NAME_FIRST), rng.choice(_NAME_SECOND)
+    return f"The {first} {second}" if rng.random() < 0.3 else f"{first} {second}"
+
+
+def _verbatim(value: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(value)}(?!\w)")
+
+
+def augment(sentence: str, mr: str, rng) -> tuple[str, str]:
+    """(sentence, mr) with `name`/`near` values swapped for unseen names and `eatType` for another
+    type, each only where the value occurs verbatim (whole words) in the sentence, so sentence and
+    MR stay consistent. A row it cannot rewrite safely comes back unchanged."""
+    slots = parse_mr(mr)
+    if not slots:
+        return sentence, mr
+    copied = [s for s in AUGMENTED_SLOTS if s in slots]
+    values = [slots[s] for s in copied]
+    # A value inside another (name "The Eagle", near "Eagle Inn") cannot be swapped independently.
+    if any(a != b and a in b for a in values for b in values):
+        return sentence, mr
+    original = sentence
+    for slot in copied:
+        pattern = _verbatim(slots[slot])
+        if not pattern.search(sentence):
+            continue
+        new = synthetic_name(rng)
+        while new in slots.values():
+            new = synthetic_name(rng)
+        sentence = pattern.sub(new.replace("\\", r"\\"), sentence)
+        slots[slot] = new
+    eat_type = slots.get("eatType")
+    mentioned = [t for t in EAT_TYPES if _verbatim(t).search(sentence)]
+    # Only a sentence that names exactly its own type: "a coffee shop restaurant" stays as it is.
+    if eat_type in EAT_TYPES and mentioned == [eat_type]:
+        new_type = rng.choice([t for t in EAT_TYPES if t != eat_type])
+        sentence = _verbatim(eat_type).sub(new_type, sentence)
+        slots["eatType"] = new_type
+    return (sentence, format_mr(slots)) if sentence != original else (sentence, mr)

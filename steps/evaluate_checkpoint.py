@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from steps import artifacts
 from steps.cli import param, run_cli
 from steps.errors import InputError, Problem, Problems, StepError
+from steps.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,11 @@ class Args:
                                  "refuse the set)")
     max_examples: int = param(200, "evaluate at most this many examples (a fixed random sample); "
                               "0 = all")
-    batch_size: int = param(16, "sentences generated together (left-padded batches)")
+    batch_size: int = param(32, "sentences generated together (left-padded batches)")
     max_new_tokens: int = param(64, "longest answer generated, in tokens")
+    precision: str = param("auto", "compute precision of generation: bf16 (autocast; weights stay "
+                           "fp32), fp32, or auto = bf16 where the hardware has bf16 matmuls (CUDA "
+                           "bf16, or a CPU with avx512_bf16 / amx_bf16), as finetune trains")
 
 
 @dataclass
@@ -84,6 +88,8 @@ def validate_static(args: Args) -> Problems:
     problems.positive("max_examples", args.max_examples, allow_zero=True)
     problems.positive("batch_size", args.batch_size)
     problems.positive("max_new_tokens", args.max_new_tokens)
+    problems.require(args.precision in PRECISIONS, "precision", args.precision, "is not supported",
+                     f"use one of: {', '.join(PRECISIONS)}")
     return problems
 
 
@@ -171,8 +177,10 @@ def generate_timed(extractor, sentences: list[str], args: Args, desc: str = "gen
     with tqdm(total=len(sentences), desc=desc, unit="sentence") as bar:
         for lo in range(0, len(order), args.batch_size):
             idx = order[lo:lo + args.batch_size]
-            out = serving.generate(extractor.model, extractor.tokenizer, [sentences[i] for i in idx],
-                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            out = serving.generate(extractor.generation_model(args.precision), extractor.tokenizer,
+                                   [sentences[i] for i in idx],
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                   precision=args.precision)
             for i, t in zip(idx, out, strict=True):
                 texts[i] = t
             bar.update(len(idx))

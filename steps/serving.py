@@ -13,9 +13,10 @@ and on load resolves the base from the pinned reference, checks every digest (ba
 and applies the adapter.
 
 Serving: input column `prompt` (sentences); params `temperature`, `max_new_tokens`, `do_sample`,
-`batch_size`; output columns `mr` (normalised MR, or the raw text if unparsable), `attributes`
-(JSON object slot -> value), `valid` (whether the output parsed). Generation is batched with left
-padding, so results do not depend on the batch size.
+`batch_size`, `precision` (auto | bf16 | fp32: the compute precision of generation); output columns
+`mr` (normalised MR, or the raw text if unparsable), `attributes` (JSON object slot -> value),
+`valid` (whether the output parsed). Generation is batched with left padding, so results do not
+depend on the batch size.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ STEPS_DIR = Path(__file__).resolve().parent
 _REQUIREMENT_PACKAGES = ("mlflow", "torch", "transformers", "peft", "huggingface_hub", "safetensors",
                          "accelerate", "pandas")
 DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_BATCH_SIZE = 16
+# 32: on the default base, 32 sentences take 6.4 s at batch 32 against 7.4 s at batch 16 (bf16);
+# the KV cache of a batch of 32 x 140 tokens is at most 32 x 140 x 30 layers x 2 (K, V) x 192 x 4 B
+# = 206 MB (fp32; half in bf16).
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_PRECISION = "auto"
 
 
 def pip_requirements() -> list[str]:
@@ -147,14 +152,46 @@ def apply_adapter(base_model, adapter_dir: Path, *, merge: bool = True):
     return model.merge_and_unload() if merge else model
 
 
+def bf16_linear_copy(model):
+    """`model` with every Linear weight held in bf16, sharing all other tensors with it.
+
+    Under bf16 autocast this computes exactly what `model` computes under autocast (autocast casts
+    each Linear weight to bf16 before its matmul; here that cast is done once), bit for bit
+    (tests/test_serving.py), while the fp32 model stays as it was for anything else. Measured on the
+    default base with a trained adapter, 32 sentences, batch 16: 7.4 s against 9.4 s re-casting the
+    weights at every token, and 12.7 s in fp32.
+    Extra memory: the bf16 weights, half of the Linear weights' fp32 bytes (~270 MB here).
+    """
+    import copy
+
+    import torch
+
+    # Share every existing tensor: the copy gets new modules, not new embeddings, norms or buffers.
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    fast = copy.deepcopy(model, memo)
+    for module in fast.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16),
+                                               requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.detach().to(torch.bfloat16),
+                                                 requires_grad=False)
+    return fast.eval()
+
+
 def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = 0.0, do_sample: bool = False,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
-    """Batched generation with left padding; returns the decoded answers in input order."""
+             batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION) -> list[str]:
+    """Batched generation with left padding; returns the decoded answers in input order.
+
+    `precision` (steps/precision.py): `auto` generates under bf16 autocast where bf16 matmuls are
+    native, as `finetune` trains by default; the weights stay fp32, so logits in fp32 are unchanged.
+    """
     import torch
     from transformers import GenerationConfig
 
     from steps.e2e import format_prompt
+    from steps.precision import autocast
 
     prompts = [format_prompt(tokenizer, s) for s in sentences]
     # Sorting by length keeps padding (wasted compute) small; the order is restored at the end.
@@ -169,7 +206,7 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                         add_special_tokens=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(model, precision):
             gen = model.generate(**enc, generation_config=cfg)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, t in zip(idx, texts, strict=True):
@@ -191,6 +228,15 @@ def _sentences(model_input: Any) -> list[str]:
     if isinstance(model_input, str):
         return [model_input]
     return [str(x) for x in model_input]
+
+
+def _precision(value: Any) -> str:
+    from steps.precision import PRECISIONS
+
+    value = str(value)
+    if value not in PRECISIONS:
+        raise StepError(f"param precision={value!r} is not supported; use one of: {', '.join(PRECISIONS)}")
+    return value
 
 
 # --- digests of the model's own weight files ---------------------------------------------------
@@ -240,6 +286,18 @@ def verify_artifacts(paths: dict[str, Any], model: str = "the model") -> None:
 class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
+    _bf16_model = None  # made on the first bf16 generation (bf16_linear_copy)
+
+    def generation_model(self, precision: str = DEFAULT_PRECISION):
+        """The module `generate` runs for `precision`: the fp32 model, or its bf16-weight copy."""
+        from steps.precision import resolve_precision
+
+        if resolve_precision(_precision(precision)) != "bf16":
+            return self.model
+        if self._bf16_model is None:
+            self._bf16_model = bf16_linear_copy(self.model)
+        return self._bf16_model
+
     def load_context(self, context) -> None:
         arts = context.artifacts
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
@@ -266,12 +324,14 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         from steps.e2e import format_mr, parse_mr
 
         params = params or {}
+        precision = _precision(params.get("precision", DEFAULT_PRECISION))
         texts = generate(
-            self.model, self.tokenizer, _sentences(model_input),
+            self.generation_model(precision), self.tokenizer, _sentences(model_input),
             max_new_tokens=int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
             temperature=float(params.get("temperature", 0.0)),
             do_sample=bool(params.get("do_sample", False)),
             batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
+            precision=precision,
         )
         rows = []
         for t in texts:
@@ -295,6 +355,7 @@ def signature():
             ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
             ParamSpec("do_sample", "boolean", False),
             ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
+            ParamSpec("precision", "string", DEFAULT_PRECISION),
         ]),
     )
 

@@ -133,6 +133,8 @@ CASES = [
       r"^batch_size=0: must be > 0" + FIX),
     C("ev-max-examples", "evaluate_checkpoint", "--model_uri models:/m-0 --max_examples -1",
       r"^max_examples=-1: must be >= 0" + FIX),
+    C("ev-precision", "evaluate_checkpoint", "--model_uri models:/m-0 --precision fp16",
+      r"^precision='fp16': is not supported" + FIX),
     C("ev-unknown-model", "evaluate_checkpoint", "--model_uri models:/m-0123456789abcdef --eval_data {train}",
       r"^model_uri='models:/m-0123456789abcdef': no such model \(Logged model with ID "
       r"'m-0123456789abcdef' not found\.\)" + FIX),

@@ -204,3 +204,61 @@ def test_mlflow_dataset_digest_follows_the_content(tmp_path):
     c = data.to_mlflow_dataset(data.load_examples(str(path)), str(path))
     assert a.digest == b.digest and a.digest != c.digest
     assert json.loads(a.source.to_json())["uri"] == str(SAMPLE)
+
+
+# --- augmentation (e2e.augment) ----------------------------------------------------------------
+def test_augment_swaps_verbatim_values_in_sentence_and_mr_alike():
+    import random
+
+    from steps.e2e import augment
+
+    sentence = "Near Café Sicilia, The Punter is a coffee shop serving Chinese food. The Punter is cheap."
+    mr = "name[The Punter], eatType[coffee shop], food[Chinese], priceRange[cheap], near[Café Sicilia]"
+    new_sentence, new_mr = augment(sentence, mr, random.Random(0))
+    got = parse_mr(new_mr)
+    assert got is not None
+    assert got["name"] not in ("The Punter", "Café Sicilia") and got["near"] not in ("The Punter", "Café Sicilia")
+    assert got["name"] != got["near"]
+    # every occurrence swapped, and the new values are in the sentence: it still states its MR
+    assert "Punter" not in new_sentence and "Sicilia" not in new_sentence
+    assert new_sentence.count(got["name"]) == 2 and got["near"] in new_sentence
+    assert got["eatType"] in ("pub", "restaurant") and got["eatType"] in new_sentence
+    assert "coffee shop" not in new_sentence
+    # slots that are not copied from the sentence are untouched
+    assert (got["food"], got["priceRange"]) == ("Chinese", "cheap")
+    assert augment(sentence, mr, random.Random(0)) == (new_sentence, new_mr)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("sentence, mr", [
+    # the value is not written verbatim: nothing to swap, the row stays as it is
+    ("The punter sells coffee.", "name[The Punter]"),
+    # one value inside another cannot be swapped on its own
+    ("The Eagle is near The Eagle Inn.", "name[The Eagle], near[The Eagle Inn]"),
+    # the sentence names two types: changing one would contradict the other
+    ("Aromi is a coffee shop and restaurant.", "name[Zizzi], eatType[coffee shop]"),
+    ("not an MR", "name[Aromi"),
+])
+def test_augment_leaves_rows_it_cannot_rewrite_safely(sentence, mr):
+    import random
+
+    from steps.e2e import augment
+
+    assert augment(sentence, mr, random.Random(0)) == (sentence, mr)
+
+
+def test_augment_rows_rewrites_the_asked_fraction_reproducibly():
+    import datasets
+
+    from steps.finetune import augment_rows
+
+    rows = [{"ref": f"Aromi {i} is a pub near Zizzi.", "mr": f"name[Aromi {i}], eatType[pub], near[Zizzi]"}
+            for i in range(200)]
+    ds = datasets.Dataset.from_list(rows)
+    none, half, every = (augment_rows(ds, f, seed=1) for f in (0.0, 0.5, 1.0))
+    changed = [sum(a != b for a, b in zip(ds["mr"], out["mr"], strict=True)) for out in (none, half, every)]
+    assert changed[0] == 0 and changed[2] == 200
+    assert 70 <= changed[1] <= 130  # binomial(200, 0.5): 100 +- 4.2 sigma
+    assert augment_rows(ds, 0.5, seed=1)["mr"] == half["mr"]
+    assert augment_rows(ds, 0.5, seed=2)["mr"] != half["mr"]
+    for ref, mr in zip(every["ref"], every["mr"], strict=True):
+        assert all(v in ref for v in parse_mr(mr).values())

@@ -334,9 +334,9 @@ def test_bad_hyperparameters_are_all_reported_before_any_run(tracking):
 
 
 def test_examples_longer_than_max_seq_length_are_counted(tracking, manifest_uri, small_csv):
-    with pytest.raises(InputError, match=r"^max_seq_length=200: 40 of 40 examples are longer \(prompt\+answer up "
+    with pytest.raises(InputError, match=r"^max_seq_length=50: 40 of 40 examples are longer \(prompt\+answer up "
                                          r"to \d+ tokens\) and would be cut; fix: pass max_seq_length=\d+ or more"):
-        finetune.run(fast_args(manifest_uri, small_csv, max_seq_length=200))
+        finetune.run(fast_args(manifest_uri, small_csv, max_seq_length=50))
 
 
 def test_unknown_target_modules_list_the_real_ones(tracking, manifest_uri, small_csv):

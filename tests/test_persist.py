@@ -340,6 +340,30 @@ def test_corrupt_base_fails_with_one_line_and_registers_nothing(tracking, tiny_m
     assert runs_with_status(tracking, "FAILED")[0].data.tags[artifacts.STEP_TAG] == par.ENTRY_POINT
 
 
+def test_corrupt_adapter_fails_before_copying_and_registers_nothing(tracking, tiny_model_dir, snap,
+                                                                    tmp_path, capsys):
+    cand = make_candidate(tmp_path, tiny_model_dir, snap, metrics=GOOD)
+    stored = persist.local_path_of(tracking.get_logged_model(cand.model_id).artifact_location)
+    found = list(stored.rglob("adapter_model.safetensors"))
+    assert len(found) == 1, found
+    data = bytearray(found[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # tensor data, not the header: the file still parses
+    found[0].write_bytes(bytes(data))
+
+    rc = par.main(["--model_uri", cand.uri, "--registered_name", "e2e-bad-adapter"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 1
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: digest mismatch for adapter file adapter_model.safetensors of "
+                             f"{cand.uri}: sha256 ")
+    assert tracking.search_registered_models() == []
+    persisted = [m for m in tracking.search_logged_models([tracking.get_experiment_by_name("tests").experiment_id])
+                 if m.name == artifacts.PERSISTED_MODEL_NAME]
+    # Refused before a single base byte was copied.
+    assert all(not (persist.local_path_of(m.artifact_location) / "artifacts" / "base").exists()
+               for m in persisted)
+
+
 def test_mlflow_models_serve_answers_a_batch(tracking, tiny_model_dir, snap, tmp_path, venv_env):
     from hubserver import free_port
 

@@ -264,7 +264,8 @@ def test_predictions_do_not_depend_on_batch_size(tracking, sharp_model_dir, tmp_
     adapter = make_adapter(sharp_model_dir, tmp_path / "adapter")
     model = mlflow.pyfunc.load_model(log_checkpoint(snapshot(str(sharp_model_dir)), adapter))
     df = pd.DataFrame({"prompt": SENTENCES})
-    outs = {bs: model.predict(df, params={"batch_size": bs, "max_new_tokens": 12})
+    # fp32: padding must change nothing at all (bf16 is checked against fp32 below).
+    outs = {bs: model.predict(df, params={"batch_size": bs, "max_new_tokens": 12, "precision": "fp32"})
             for bs in (1, 3, 8)}
     # batch_size 1 is each sentence alone: no padding at all.
     assert list(outs[1].columns) == ["mr", "attributes", "valid"] and len(outs[1]) == len(SENTENCES)
@@ -273,8 +274,59 @@ def test_predictions_do_not_depend_on_batch_size(tracking, sharp_model_dir, tmp_
     for bs in (3, 8):
         pd.testing.assert_frame_equal(outs[bs], outs[1])
     # Row order is the input order, whatever the length-sorted batching did inside.
-    single = model.predict(pd.DataFrame({"prompt": [SENTENCES[3]]}), params={"max_new_tokens": 12})
+    single = model.predict(pd.DataFrame({"prompt": [SENTENCES[3]]}),
+                           params={"max_new_tokens": 12, "precision": "fp32"})
     assert single["mr"].iloc[0] == outs[8]["mr"].iloc[3]
+
+
+def test_precision_param_runs_generation_under_autocast_and_keeps_fp32_weights(
+        tracking, sharp_model_dir, tmp_path):
+    import torch
+
+    adapter = make_adapter(sharp_model_dir, tmp_path / "adapter")
+    loaded = mlflow.pyfunc.load_model(log_checkpoint(snapshot(str(sharp_model_dir)), adapter))
+    extractor = loaded.unwrap_python_model()
+    inner = extractor.model
+    ids = token_ids(sharp_model_dir)
+    before = logits(inner, ids)
+    fast = extractor.generation_model("bf16")
+    assert extractor.generation_model("fp32") is inner and extractor.generation_model("bf16") is fast
+    # The bf16 copy: Linear weights in bf16, everything else shared with the fp32 model (no copy).
+    linear = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    shared = {p.data_ptr() for p in inner.parameters()}
+    others = [p for n, p in fast.named_parameters() if p.dtype == torch.float32]
+    assert others and all(p.data_ptr() in shared for p in others)
+    # ... and under autocast it computes what the fp32 model computes under autocast, bit for bit.
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(input_ids=torch.tensor([ids])).logits,
+                           inner(input_ids=torch.tensor([ids])).logits)
+
+    seen: dict[str, list[bool]] = {"fp32": [], "bf16": []}
+    hooks = [model.register_forward_hook(lambda *_, key=key: seen[key].append(torch.is_autocast_enabled("cpu")))
+             for key, model in (("fp32", inner), ("bf16", fast))]
+    df = pd.DataFrame({"prompt": SENTENCES})
+    outs = {p: loaded.predict(df, params={"max_new_tokens": 12, "precision": p}) for p in ("fp32", "bf16")}
+    for hook in hooks:
+        hook.remove()
+    # One forward per generated token at least, each on the model of that precision, autocast on
+    # exactly for bf16.
+    assert len(seen["fp32"]) >= 12 and set(seen["fp32"]) == {False}
+    assert len(seen["bf16"]) >= 12 and set(seen["bf16"]) == {True}
+    # The bf16 answers are those of plain autocast on the fp32 model (what finetune trains under).
+    # Whether bf16 changes a trained model's answers against fp32 is a benchmark question: a random
+    # model has near-ties (bench/bench_eval_throughput.py compares both on a trained one).
+    from steps.e2e import format_mr, parse_mr
+
+    plain = serving.generate(inner, extractor.tokenizer, SENTENCES, max_new_tokens=12, precision="bf16")
+    assert outs["bf16"]["mr"].tolist() == [format_mr(parse_mr(t)) if parse_mr(t) is not None else t
+                                           for t in plain]
+    # bf16 is compute only: the fp32 weights and logits are untouched.
+    assert all(p.dtype == torch.float32 for p in inner.parameters())
+    assert np.array_equal(logits(inner, ids), before)
+    with pytest.raises(StepError, match=r"param precision='fp16' is not supported; use one of: "
+                                        r"auto, bf16, fp32"):
+        loaded.predict(df, params={"precision": "fp16"})
 
 
 def test_predict_uses_the_shared_prompt_and_parses_attributes(tracking, tiny_model_dir, adapter_dir,
