@@ -142,12 +142,13 @@ def f1(tp: int, fp: int, fn: int) -> float:
 
 
 # --- augmentation: read values from the sentence, not from memory ------------------------------
-# The E2E training data names few restaurants (the cleaned dev split: 20 names; eatType coffee shop in
-# 2,998 well-formed rows against 150 restaurant and 3 pub), so a model can score well by recalling its training names and
-# types instead of reading them. Rewriting some training rows with names it has never seen, and with
-# the eatType changed, makes copying from the sentence the only way to get those rows right.
-# Names are made from two word lists (24 x 24 = 576 names, 1,152 with "The"; at most 8 tokens with
-# SmolLM2's tokenizer, so a rewritten row stays far below max_seq_length); bench/bench_quality.py checks its probe names share no word with them.
+# The E2E training data names few restaurants (the cleaned dev split: 20 names; eatType coffee shop
+# in 2,998 well-formed rows against 150 restaurant and 3 pub), so a model can score well by recalling
+# its training names and types instead of reading them. Rewriting some training rows with names it
+# has never seen, and with the eatType changed, makes copying from the sentence the only way to get
+# those rows right. Names are made from two word lists (24 x 24 = 576 names, 1,152 with "The"; at
+# most 8 tokens with SmolLM2's tokenizer, so a rewritten row stays far below max_seq_length);
+# bench/bench_quality.py checks its probe names share no word with them.
 _NAME_FIRST = ("Amber", "Birch", "Crimson", "Dapper", "Elm", "Foxglove", "Granite", "Hazel", "Indigo",
                "Jasper", "Kestrel", "Linden", "Maple", "Nutmeg", "Orchid", "Pebble", "Quince", "Rowan",
                "Sorrel", "Thistle", "Umber", "Willow", "Yarrow", "Zephyr")
@@ -187,7 +188,7 @@ def augment(sentence: str, mr: str, rng) -> tuple[str, str]:
         new = synthetic_name(rng)
         while new in slots.values():
             new = synthetic_name(rng)
-        sentence = pattern.sub(new.replace("\\", r"\\"), sentence)
+        sentence = pattern.sub(lambda _, new=new: new, sentence)  # literal: no escapes to expand
         slots[slot] = new
     eat_type = slots.get("eatType")
     mentioned = [t for t in EAT_TYPES if _verbatim(t).search(sentence)]

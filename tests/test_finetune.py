@@ -243,6 +243,8 @@ def test_resolve_precision():
     assert finetune.resolve_precision("fp32") == "fp32"
     assert finetune.resolve_precision("bf16") == "bf16"
     assert finetune.resolve_precision("auto") in ("bf16", "fp32")
+    with pytest.raises(ValueError, match=r"^precision 'fp16' is not supported; use one of: auto, bf16, fp32$"):
+        finetune.resolve_precision("fp16")
 
 
 def _model_dir(model_id: str):
