@@ -299,6 +299,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         return self._bf16_model
 
     def load_context(self, context) -> None:
+        self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
         arts = context.artifacts
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
         self.manifest = manifest
