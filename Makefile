@@ -37,15 +37,15 @@ test-faults: setup
 	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check steps tests bench
+	$(BIN)/ruff check steps lora_pipeline build_tools tests bench data
 
 # MLproject is rendered from the steps' Args dataclasses (each parameter declared once).
 mlproject: setup
-	$(BIN)/python -m steps.mlproject > MLproject
+	$(BIN)/python -m build_tools.mlproject > MLproject
 
 # conda.yaml is rendered from requirements.txt (one source of truth).
 conda-env: setup
-	$(BIN)/python -m steps.envfile > conda.yaml
+	$(BIN)/python -m build_tools.envfile > conda.yaml
 
 # conda-lock needs conda channels; it cannot run on a machine without them (see README).
 lock: setup

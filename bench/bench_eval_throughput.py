@@ -84,9 +84,11 @@ def main() -> None:
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("bench")
-    from steps import artifacts, download_snapshot, log_reference, serving
-    from steps.e2e import format_prompt, parse_mr
-    from steps.manifest import load_manifest
+    from lora_pipeline import artifacts
+    from lora_pipeline.base.manifest import load_manifest
+    from lora_pipeline.model import serving
+    from lora_pipeline.task.e2e import format_prompt, parse_mr
+    from steps import download_snapshot, log_reference
 
     snap = download_snapshot.run(download_snapshot.Args(model=opts.model))
     manifest = load_manifest(snap.manifest_uri)
@@ -105,7 +107,7 @@ def main() -> None:
         checkpoint_uri=artifacts.model_uri(ckpt.model_id))).model_uri
     ours_model = mlflow.pyfunc.load_model(ours_uri)
     tok = ours_model.unwrap_python_model().tokenizer
-    from steps.precision import resolve_precision
+    from lora_pipeline.model.precision import resolve_precision
 
     ours = {}  # precision -> (seconds, answers)
     for precision in ("auto", "fp32"):

@@ -56,8 +56,8 @@ def main() -> int:
     import torch
     from transformers import Trainer, TrainerCallback
 
+    from lora_pipeline.training.trainer_utils import AnswerCollator, AnswerOnlyTrainer
     from steps import download_snapshot, finetune
-    from steps.trainer_utils import AnswerCollator, AnswerOnlyTrainer
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("bench-finetune")

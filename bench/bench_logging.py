@@ -80,7 +80,8 @@ def _child_ours(spec: dict) -> dict:
     import mlflow.pyfunc  # noqa: F401  (imports first: their memory is not logging's)
     import pandas  # noqa: F401
 
-    from steps import log_reference, serving  # noqa: F401
+    from lora_pipeline.model import serving  # noqa: F401
+    from steps import log_reference
 
     _ready_tracking()
     with PeakRSS() as mem:
@@ -96,7 +97,7 @@ def _child_baseline(spec: dict) -> dict:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steps import serving
+    from lora_pipeline.model import serving
 
     _ready_tracking()
     with PeakRSS() as mem:
@@ -160,8 +161,10 @@ def main() -> None:
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("bench")
 
-    from steps import artifacts, download_snapshot, log_reference, serving
-    from steps.manifest import load_manifest
+    from lora_pipeline import artifacts
+    from lora_pipeline.base.manifest import load_manifest
+    from lora_pipeline.model import serving
+    from steps import download_snapshot, log_reference
 
     snap = download_snapshot.run(download_snapshot.Args(model=opts.model))
     manifest = load_manifest(snap.manifest_uri)

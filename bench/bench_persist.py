@@ -107,7 +107,7 @@ def child_ours(model_uri: str, name: str) -> dict:
     import yaml  # noqa: F401
     from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository  # noqa: F401
 
-    from steps import persist, runs  # noqa: F401
+    from lora_pipeline.tracking import runs  # noqa: F401
     from steps import persist_and_register as par
 
     args = par.Args(model_uri=model_uri, registered_name=name)
@@ -157,7 +157,7 @@ def child_ppm(model_uri: str) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from steps.persist import local_path_of
+    from lora_pipeline.registry.persist import local_path_of
 
     before_store = _open_stores()
     with PeakRSS() as rss:
@@ -201,7 +201,7 @@ def run_child(kind: str, env: dict[str, str], **kwargs) -> dict:
 
 def timed_sha256(src: Path) -> float:
     """sha256 of the same files, streamed: the floor of any copy verified against the manifest."""
-    from steps.manifest import sha256_file
+    from lora_pipeline.base.manifest import sha256_file
 
     start = time.perf_counter()
     for p in sorted(src.rglob("*")):
@@ -222,7 +222,8 @@ def timed_cp(src: Path, dst: Path) -> tuple[float, float]:
 def log_reference(manifest, adapter: Path, i: int) -> str:
     import mlflow
 
-    from steps import artifacts, serving
+    from lora_pipeline import artifacts
+    from lora_pipeline.model import serving
 
     with mlflow.start_run(run_name=f"reference-{i}"):
         info = serving.log_e2e_model(artifacts.REFERENCE_MODEL_NAME, manifest, adapter_dir=adapter,
@@ -271,9 +272,9 @@ def main() -> int:
     os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")})
     import mlflow
 
+    from lora_pipeline.base.manifest import load_manifest
+    from lora_pipeline.registry.persist import local_path_of
     from steps import download_snapshot
-    from steps.manifest import load_manifest
-    from steps.persist import local_path_of
 
     from hubserver import LocalHub, hf_env, publish_git_repo
 

@@ -59,7 +59,7 @@ def _time_budget_callback(seconds: float):
 
 def shifted(rows: list[dict], seed: int = 0) -> list[dict]:
     """Held-out rows with unseen names and pub/restaurant for coffee shop (where both are verbatim)."""
-    from steps.e2e import format_mr, parse_mr
+    from lora_pipeline.task.e2e import format_mr, parse_mr
 
     rng = random.Random(seed)
     out = []
@@ -80,7 +80,7 @@ def shifted(rows: list[dict], seed: int = 0) -> list[dict]:
 
 
 def _table(title: str, cand: dict, base: dict) -> None:
-    from steps.e2e import SLOTS
+    from lora_pipeline.task.e2e import SLOTS
 
     print(f"\n{title}")
     print(f"    {'':18s} {'candidate':>9s} {'base':>7s}")
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="")
     opts = parser.parse_args()
 
-    from steps.cli import setup_logging
+    from lora_pipeline.cli import setup_logging
 
     setup_logging()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -124,7 +124,8 @@ def main() -> None:
 
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("bench-quality")
-    from steps import download_snapshot, e2e, evaluate_checkpoint, finetune, log_reference
+    from lora_pipeline.task import e2e
+    from steps import download_snapshot, evaluate_checkpoint, finetune, log_reference
 
     snap = download_snapshot.run(download_snapshot.Args())
     budget = _time_budget_callback(opts.minutes * 60)

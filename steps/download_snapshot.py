@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from steps import artifacts
-from steps.cli import param, run_cli
-from steps.errors import InputError, Problem, Problems
-from steps.manifest import (
+from lora_pipeline import artifacts
+from lora_pipeline.base.manifest import (
     SOURCE_DEFAULT,
     SOURCE_GGUF,
     SOURCE_HUB,
@@ -37,6 +35,8 @@ from steps.manifest import (
     Manifest,
     describe_dir,
 )
+from lora_pipeline.cli import param, run_cli
+from lora_pipeline.errors import InputError, Problem, Problems, one_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,7 +174,7 @@ def _retrying(fn: Callable[[], T], args: Args, endpoint: str, what: str) -> T:
             log.warning("%s failed (%s); retry %d/%d in %.1fs", what, type(last).__name__,
                         attempt + 1, args.hub_retries, delay)
             time.sleep(delay)
-    short = " ".join(str(last).split())[:160]
+    short = one_line(last, 160)
     raise InputError(Problem("model", args.model,
                              f"Hub at {endpoint} unreachable: {what} failed {attempts} times "
                              f"({type(last).__name__}: {short})",
@@ -262,7 +262,7 @@ def resolve_hub(args: Args, problems: Problems) -> tuple[str, Path]:
     lfs = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if getattr(s, "lfs", None)}
     for entry in describe_dir(path):
         if entry.path in lfs and lfs[entry.path] != entry.sha256:
-            from steps.errors import StepError
+            from lora_pipeline.errors import StepError
 
             raise StepError(f"downloaded {entry.path} of {args.model}@{commit} does not match the "
                             "Hub's sha256; delete it from the HF cache and rerun")
@@ -295,9 +295,9 @@ def prepare_local(args: Args, problems: Problems) -> Path:
 
 def prepare_gguf(args: Args, problems: Problems, gguf_path: Path) -> Path:
     """Convert (once, cached by the GGUF's sha256) into a safetensors checkpoint."""
-    from steps.cache import cache_dir
-    from steps.gguf_convert import GGUFError, check_gguf, convert_gguf
-    from steps.manifest import sha256_file
+    from lora_pipeline.base.cache import cache_dir
+    from lora_pipeline.base.gguf_convert import GGUFError, check_gguf, convert_gguf
+    from lora_pipeline.base.manifest import sha256_file
 
     try:
         check_gguf(gguf_path)
@@ -370,7 +370,7 @@ def run(args: Args) -> Result:
     elif kind == SOURCE_LOCAL:
         root = prepare_local(args, problems)
     else:
-        from steps.gguf_convert import default_gguf_path
+        from lora_pipeline.base.gguf_convert import default_gguf_path
 
         gguf = default_gguf_path() if kind == SOURCE_DEFAULT else Path(args.model).expanduser()
         root = prepare_gguf(args, problems, gguf)
@@ -378,7 +378,7 @@ def run(args: Args) -> Result:
 
     import mlflow
 
-    from steps.runs import step_run
+    from lora_pipeline.tracking.runs import step_run
 
     names = _selected([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()],
                       args.allow_pickle)

@@ -7,7 +7,7 @@ one, or a Hub dataset id). The base is evaluated on the same sentences through t
 (the served model without its adapter, base resolved and verified from the pinned manifest), so
 every report shows base vs candidate.
 
-Metrics (steps/e2e.py `Scores`): slot precision / recall / F1 (micro, and per slot), exact match of
+Metrics (lora_pipeline/task/e2e.py `Scores`): slot precision / recall / F1 (micro, and per slot), exact match of
 the whole MR, rate of unparsable outputs, generation tokens per second. They go to this run
 (`candidate.*`, `base.*`) and to the logged model (`slot_f1`, ..., `base_slot_f1`, ...), with a
 per-example table (`eval_table.json`: sentence, expected, predicted, per-row F1) the MLflow UI shows.
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from steps import artifacts
-from steps.cli import param, run_cli
-from steps.errors import InputError, Problem, Problems, StepError
-from steps.precision import PRECISIONS
+from lora_pipeline import artifacts
+from lora_pipeline.cli import param, run_cli
+from lora_pipeline.errors import InputError, Problem, Problems, StepError, one_line
+from lora_pipeline.model.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _is_artifact_uri(text: str) -> bool:
 
 def load_eval_set(source: str, revision: str, tmp: Path, skip_malformed: bool = False):
     """`datasets.Dataset` (mr, ref) from a file, an artifact URI or a Hub id; InputError if unusable."""
-    from steps.data import load_examples
+    from lora_pipeline.task.data import load_examples
 
     local = source
     if _is_artifact_uri(source):
@@ -130,7 +130,7 @@ def load_eval_set(source: str, revision: str, tmp: Path, skip_malformed: bool = 
             local = mlflow.artifacts.download_artifacts(source, dst_path=str(tmp))
         except Exception as err:  # MLflow raises several types for a missing run or artifact
             raise InputError(Problem("eval_data", source, "cannot be downloaded "
-                                     f"({type(err).__name__}: {' '.join(str(err).split())[:160]})",
+                                     f"({type(err).__name__}: {one_line(err, 160)})",
                                      "pass an existing artifact URI, or a local .csv/.jsonl "
                                      "file")) from None
     try:
@@ -169,7 +169,7 @@ def generate_timed(extractor, sentences: list[str], args: Args, desc: str = "gen
     and answers are independent of the batching (tests/test_serving.py)."""
     from tqdm.auto import tqdm
 
-    from steps import serving
+    from lora_pipeline.model import serving
 
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     texts = [""] * len(sentences)
@@ -192,7 +192,7 @@ def generate_timed(extractor, sentences: list[str], args: Args, desc: str = "gen
 
 
 def score(expected: list[str], generated: Generated, prefix: str):
-    from steps.e2e import Scores, format_mr, parse_mr
+    from lora_pipeline.task.e2e import Scores, format_mr, parse_mr
 
     scores = Scores()
     rows = []
@@ -215,7 +215,7 @@ def load_candidate(model_uri: str):
         raise  # base unresolvable or digest mismatch: serving.py's message names the reference
     except Exception as err:  # anything else that stops the model from loading
         raise StepError(f"cannot load model {model_uri}: {type(err).__name__}: "
-                        f"{' '.join(str(err).split())[:200]}") from err
+                        f"{one_line(err)}") from err
     extractor = loaded.unwrap_python_model()
     if not all(hasattr(extractor, a) for a in ("model", "tokenizer", "manifest")):
         raise InputError(Problem("model_uri", model_uri, "is not an e2e-extractor model of this "
@@ -243,7 +243,7 @@ def _model_uri_default(args: Args) -> str:
 
 
 def run(args: Args) -> Result:
-    from steps.cli import configure_tracking
+    from lora_pipeline.cli import configure_tracking
     from steps.log_reference import model_info
 
     validate_static(args).raise_if_any()
@@ -255,8 +255,8 @@ def run(args: Args) -> Result:
     import mlflow
     import pandas as pd
 
-    from steps import serving
-    from steps.runs import step_run
+    from lora_pipeline.model import serving
+    from lora_pipeline.tracking.runs import step_run
 
     eval_source = args.eval_data
     if not eval_source:

@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps import artifacts
-from steps import precision as precision_mod
-from steps.cli import param, run_cli
-from steps.errors import InputError, Problems, StepError
+from lora_pipeline import artifacts
+from lora_pipeline.cli import param, run_cli
+from lora_pipeline.errors import InputError, Problems, StepError
+from lora_pipeline.model import precision as precision_mod
+from lora_pipeline.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def resolve_resume(args: Args, problems: Problems) -> tuple[str, int, Any] | Non
     rf = args.resume_from.strip()
     if not rf or (rf != "last" and not _RUN_ID.match(rf)):
         return None  # empty, or malformed (validate_static reports that once)
-    from steps.cli import configure_tracking
+    from lora_pipeline.cli import configure_tracking
 
     configure_tracking()
     client = mlflow.MlflowClient()
@@ -323,9 +324,9 @@ def _download_resume(run_id: str, step: int, model, dest: Path, args: Args,
 
 def prepare(args: Args) -> Plan:
     """Validate every input (reporting all problems at once) and stage data, base and resume state."""
-    from steps import data
-    from steps.cli import configure_tracking
-    from steps.manifest import load_manifest
+    from lora_pipeline.base.manifest import load_manifest
+    from lora_pipeline.cli import configure_tracking
+    from lora_pipeline.task import data
 
     configure_tracking()
     problems = validate_static(args)
@@ -352,12 +353,12 @@ def prepare(args: Args) -> Plan:
     train, val = data.split_by_mr(ds, args.validation_fraction, args.seed)
     work = Path(tempfile.mkdtemp(prefix="finetune-"))
     try:
-        from steps.serving import load_tokenizer, resolve_base
+        from lora_pipeline.model.serving import load_tokenizer, resolve_base
 
         base_dir = resolve_base(manifest)
         _check_target_modules(base_dir, _modules(args.target_modules), problems)
         tok = load_tokenizer(base_dir)
-        from steps.trainer_utils import encode_example
+        from lora_pipeline.training.trainer_utils import encode_example
 
         lengths = [encode_example(tok, r, m)["length"] for r, m in
                    zip(list(train["ref"]) + list(val["ref"]), list(train["mr"]) + list(val["mr"]), strict=True)]
@@ -387,7 +388,7 @@ def prepare(args: Args) -> Plan:
 
 
 def _distinct_mrs(ds) -> int:
-    from steps.e2e import normalise_mr
+    from lora_pipeline.task.e2e import normalise_mr
 
     return len({normalise_mr(m) or m for m in ds["mr"]})
 
@@ -483,8 +484,8 @@ def build(plan: Plan) -> Parts:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from steps import serving
-    from steps.trainer_utils import tokenize_examples
+    from lora_pipeline.model import serving
+    from lora_pipeline.training.trainer_utils import tokenize_examples
 
     a = Args(**plan.args)
     base_dir = Path(plan.base_dir)
@@ -508,7 +509,7 @@ def augment_rows(ds, fraction: float, seed: int):
     rows on every DDP rank and every resume: one RNG per row, seeded by row index)."""
     import random
 
-    from steps.e2e import augment
+    from lora_pipeline.task.e2e import augment
 
     def rewrite(row, idx):
         rng = random.Random(seed * 1_000_003 + idx)
@@ -533,10 +534,10 @@ def train(plan: Plan, *, callbacks: Sequence[Any] = ()) -> Result:
     import mlflow
     from transformers.trainer_callback import ProgressCallback
 
-    from steps import serving
-    from steps.manifest import Manifest
-    from steps.runs import step_run
-    from steps.trainer_utils import (
+    from lora_pipeline.base.manifest import Manifest
+    from lora_pipeline.model import serving
+    from lora_pipeline.tracking.runs import step_run
+    from lora_pipeline.training.trainer_utils import (
         AnswerCollator,
         AnswerOnlyTrainer,
         CheckpointLogger,
@@ -602,7 +603,7 @@ def train(plan: Plan, *, callbacks: Sequence[Any] = ()) -> Result:
 def _log_inputs(plan: Plan, a: Args, targs, lora_config, train_raw, val_raw, world: int, run_id: str) -> str:
     import mlflow
 
-    from steps import data
+    from lora_pipeline.task import data
 
     mlflow.log_params(_flat_params(plan, targs, lora_config, len(train_raw), len(val_raw), world))
     name = Path(plan.dataset_source).name
@@ -682,7 +683,7 @@ def _launch(plan: Plan) -> Result:
     spec.write_text(plan.to_json())
     env = dict(os.environ)
     env[_SPEC_ENV] = str(spec)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(PROJECT_ROOT)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
            f"--nproc_per_node={n}", "-m", "steps.finetune"]
@@ -693,7 +694,7 @@ def _launch(plan: Plan) -> Result:
     if proc.returncode != 0 or "result" not in info:
         run_id = info.get("run_id")
         if run_id:
-            from steps.cli import configure_tracking
+            from lora_pipeline.cli import configure_tracking
 
             configure_tracking()
             client = mlflow.MlflowClient()
@@ -706,7 +707,7 @@ def _launch(plan: Plan) -> Result:
 
 def _worker_main() -> int:
     """Entry of each torchrun rank: train the prepared plan; rank 0 writes the result."""
-    from steps.cli import setup_logging
+    from lora_pipeline.cli import setup_logging
 
     setup_logging()
     plan = Plan.from_json(Path(os.environ[_SPEC_ENV]).read_text())

@@ -13,7 +13,7 @@ Two ways in (exactly one):
 
 The base is never copied: the model stores the snapshot manifest (Hub repo id + commit, or the
 snapshot run's artifact URI, plus every file's sha256); loading resolves the base from it and checks
-every digest (steps/serving.py). Output: tag `model` = `models:/<model_id>`.
+every digest (lora_pipeline/model/serving.py). Output: tag `model` = `models:/<model_id>`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps import artifacts
-from steps.cli import param, run_cli
-from steps.errors import InputError, Problem, Problems, StepError
+from lora_pipeline import artifacts
+from lora_pipeline.cli import param, run_cli
+from lora_pipeline.errors import InputError, Problem, Problems, StepError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +218,14 @@ def model_info(uri: str, field: str):
     try:
         return mlflow.models.get_model_info(uri)
     except (MlflowException, OSError) as err:
-        raise InputError(Problem(field, uri, f"no such model ({' '.join(str(err).split())[:160]})",
+        raise InputError(Problem(field, uri, f"no such model ({one_line(err, 160)})",
                                  "pass a model URI that MLflow lists: models:/<model_id>, "
                                  "runs:/<run_id>/<name> or models:/<name>@<alias>")) from None
 
 
 def e2e_artifacts(info, field: str, uri: str) -> dict[str, str]:
     """The E2EExtractor artifacts of a logged model (name -> path inside the model), or InputError."""
-    from steps import artifacts as names
+    from lora_pipeline import artifacts as names
 
     arts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
     if names.BASE_REF_ARTIFACT not in arts:
@@ -250,7 +250,7 @@ def download_model_file(info, inner: str, dst: Path) -> Path:
                                                         dst_path=str(dst)))
     except Exception as err:  # MLflow raises several types for a missing artifact
         raise StepError(f"cannot download {inner} of model {model_uri} ({type(err).__name__}: "
-                        f"{' '.join(str(err).split())[:160]}); its artifacts are gone or "
+                        f"{one_line(err, 160)}); its artifacts are gone or "
                         "unreadable: log the checkpoint again") from err
 
 
@@ -274,7 +274,7 @@ def check_serves(model_uri: str) -> None:
     import mlflow
     import pandas as pd
 
-    from steps.serving import INPUT_EXAMPLE_SENTENCE
+    from lora_pipeline.model.serving import INPUT_EXAMPLE_SENTENCE
 
     try:
         model = mlflow.pyfunc.load_model(model_uri)
@@ -284,13 +284,13 @@ def check_serves(model_uri: str) -> None:
         raise
     except Exception as err:  # anything that stops the model from serving
         raise StepError(f"the logged model {model_uri} does not serve: {type(err).__name__}: "
-                        f"{' '.join(str(err).split())[:200]}") from err
+                        f"{one_line(err)}") from err
     log.info("serving check: %r -> %r", INPUT_EXAMPLE_SENTENCE, out["mr"].iloc[0])
 
 
 # --- the step ----------------------------------------------------------------------------------
 def run(args: Args) -> Result:
-    from steps.cli import configure_tracking
+    from lora_pipeline.cli import configure_tracking
 
     validate_static(args).raise_if_any()
     configure_tracking()
@@ -299,9 +299,9 @@ def run(args: Args) -> Result:
 
     import mlflow
 
-    from steps import serving
-    from steps.manifest import Manifest, load_manifest
-    from steps.runs import step_run
+    from lora_pipeline.base.manifest import Manifest, load_manifest
+    from lora_pipeline.model import serving
+    from lora_pipeline.tracking.runs import step_run
 
     with tempfile.TemporaryDirectory(prefix="log_reference.") as tmp_str:
         tmp = Path(tmp_str)

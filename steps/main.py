@@ -6,7 +6,7 @@ URIs each step records as `pipeline.output.<key>` tags. Parameters are those of 
 once, in each step's `Args`; a name two steps share is one parameter passed to both) plus `use_cache`,
 `force_steps` and `env_manager`.
 
-Step cache (`steps.stepcache`): a step whose entry point, parameters (as strings), pipeline code version
+Step cache (`lora_pipeline.orchestration.stepcache`): a step whose entry point, parameters (as strings), pipeline code version
 and input digests match a FINISHED run with intact outputs is not rerun; its outputs are reused. A
 `finetune` that failed after saving a checkpoint is resumed from it (`resume_from`).
 Output: the registered model version and alias, and a summary table (printed and logged to this run).
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps import artifacts
-from steps.cli import build_parser, fields_of, param, run_cli
-from steps.errors import InputError, Problem, Problems, StepError
+from lora_pipeline import artifacts
+from lora_pipeline.cli import build_parser, fields_of, param, run_cli
+from lora_pipeline.errors import InputError, Problem, Problems, StepError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def check_tracking(uri: str) -> None:
         with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
             mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:
-        short = " ".join(str(err).split())[:200]
+        short = one_line(err)
         raise StepError(f"tracking server {uri} is unreachable ({type(err).__name__}: {short}); "
                         "start it or point MLFLOW_TRACKING_URI at a running one; nothing was run") from err
 
@@ -331,7 +331,7 @@ def _as_param(value: Any) -> str:
 def _resolve_path_param(value: str, project_root: Path) -> str:
     """A relative path is made absolute, tried from main's cwd, then the project root (the steps'
     own rule): the children run in the project directory, and the cache keys files by content."""
-    from steps.stepcache import local_path
+    from lora_pipeline.orchestration.stepcache import local_path
 
     if not value or Path(value).is_absolute():
         return value
@@ -365,7 +365,7 @@ def _hub_commit(repo_id: str, revision: str, repo_type: str) -> str:
 
 def _external_digests(spec: StepSpec, params: dict[str, str]) -> tuple[dict[str, str], str | None]:
     """Digests that the parameter text cannot give, and why a step must not be cached (or None)."""
-    from steps import stepcache
+    from lora_pipeline.orchestration import stepcache
 
     if spec.name not in HUB_INPUTS:
         return {}, None
@@ -374,7 +374,7 @@ def _external_digests(spec: StepSpec, params: dict[str, str]) -> tuple[dict[str,
     revision = params.get(rev_name, "")
     if spec.name == "download_snapshot" and value in ("", "default"):
         try:
-            from steps.gguf_convert import DEFAULT_GGUF_PACKAGE
+            from lora_pipeline.base.gguf_convert import DEFAULT_GGUF_PACKAGE
         except ImportError:
             DEFAULT_GGUF_PACKAGE = "default"
         # A pinned PyPI release cannot change: its name==version stands for its content.
@@ -448,9 +448,11 @@ def run_pipeline(args: Any, *, specs: Sequence[StepSpec] = PIPELINE,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from steps import stepcache
-    from steps.cli import configure_tracking
-    from steps.runs import PROJECT_ROOT, step_run
+    from lora_pipeline.cli import configure_tracking
+    from lora_pipeline.orchestration import stepcache
+    from lora_pipeline.paths import PROJECT_ROOT
+    from lora_pipeline.tracking.runs import step_run
+    from lora_pipeline.tracking.version import code_version
 
     forced = validate(args, specs, bindings)
     uri = configure_tracking()
@@ -458,7 +460,7 @@ def run_pipeline(args: Any, *, specs: Sequence[StepSpec] = PIPELINE,
     launcher = launcher or mlflow_launcher
     root = Path(project_uri) if project_uri and Path(project_uri).is_dir() else PROJECT_ROOT
     project_uri = project_uri or str(PROJECT_ROOT)
-    code = stepcache.code_version(root)
+    code = code_version(root)
 
     rows: list[StepRow] = []
     outputs: dict[str, dict[str, str]] = {}
@@ -483,7 +485,7 @@ def run_pipeline(args: Any, *, specs: Sequence[StepSpec] = PIPELINE,
             raise
         except MlflowException as err:
             _log_summary(client, main_id, rows, time.monotonic() - t_main)
-            raise StepError(f"tracking store error while chaining ({' '.join(str(err).split())[:200]})") from err
+            raise StepError(f"tracking store error while chaining ({one_line(err)})") from err
         merged: dict[str, str] = {}
         for spec in specs:
             merged.update(outputs.get(spec.name, {}))
@@ -498,7 +500,7 @@ def _run_step(spec: StepSpec, args: Any, bindings: Sequence[Binding], outputs: d
               project_uri: str, root: Path) -> StepRow:
     from mlflow.exceptions import MlflowException
 
-    from steps import stepcache
+    from lora_pipeline.orchestration import stepcache
 
     t0 = time.monotonic()
     module = _step_module(spec)
@@ -565,7 +567,7 @@ def _run_step(spec: StepSpec, args: Any, bindings: Sequence[Binding], outputs: d
         launcher(project_uri, spec.name, params, child_id, env_manager, exp_id)
     except MlflowException as err:  # ExecutionException: the step exited non-zero
         _end_if_running(client, child_id)
-        first = " ".join(str(err).split())[:160]
+        first = one_line(err, 160)
         resumable = spec.resumable and "resume_from" in step_fields and stepcache.find_resumable(
             client, exp_id, key, run_ids={child_id}) is not None
         raise StepError(f"step {spec.name} failed (run {child_id}: {first}); its error is above; "

@@ -4,7 +4,7 @@ Input: `model_uri` = `models:/<model_id>` of an E2E extractor that only refers t
 log_reference logged and evaluate_checkpoint scored). The step
   1. persists: logs a NEW model (`e2e-extractor-persisted`) in this run holding the source model's
      files (adapter, base_reference.json, code, environment) plus `base/` = the pinned base files,
-     streamed file by file and verified against the manifest's sha256 (steps/persist.py). The new
+     streamed file by file and verified against the manifest's sha256 (lora_pipeline/registry/persist.py). The new
      model is PENDING while it is written and READY only once every file is verified; the source
      model is never modified. Base + adapter, not merged weights: see the README ("Why base +
      adapter"). Once persisted, the model loads with the Hub unreachable and the snapshot run gone;
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steps import artifacts
-from steps.artifacts import (  # shared with the other steps; re-exported for callers and tests
+from lora_pipeline import artifacts
+from lora_pipeline.artifacts import (  # shared with the other steps; re-exported for callers and tests
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
     DATASET_DIGEST_TAG,
@@ -52,8 +52,8 @@ from steps.artifacts import (  # shared with the other steps; re-exported for ca
     STATE_COPYING,
     STATE_DISCARDED,
 )
-from steps.cli import param, run_cli
-from steps.errors import InputError, Problem, Problems, StepError
+from lora_pipeline.cli import param, run_cli
+from lora_pipeline.errors import InputError, Problem, Problems, StepError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def validate_static(args: Args) -> Problems:
 
 
 def _short(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
 def check_registry(client) -> None:
@@ -207,7 +207,7 @@ def check_registry(client) -> None:
 class Source:
     model: Any  # mlflow.entities.LoggedModel
     mlmodel: dict
-    manifest: Any  # steps.manifest.Manifest
+    manifest: Any  # lora_pipeline.base.manifest.Manifest
     metrics: dict[str, float]
     metric_runs: dict[str, str]
 
@@ -260,7 +260,7 @@ def read_source(client, args: Args) -> Source:
     import yaml
     from mlflow.exceptions import MlflowException
 
-    from steps.manifest import Manifest
+    from lora_pipeline.base.manifest import Manifest
 
     model_id = artifacts.parse_model_id_uri(args.model_uri)
     try:
@@ -330,7 +330,7 @@ def find_finetune_run(client, model):
 
 
 def lineage_tags(client, source: Source) -> dict[str, str]:
-    from steps.runs import pipeline_git_commit
+    from lora_pipeline.tracking.runs import pipeline_git_commit
 
     man = source.manifest
     tags = {
@@ -456,7 +456,7 @@ def _discard(client, lm, why: str, *, stale: bool = False) -> None:
     that run still reads RUNNING, it was killed (kill -9 ends no run): mark it KILLED."""
     import shutil
 
-    from steps.persist import local_path_of
+    from lora_pipeline.registry.persist import local_path_of
 
     log.warning("discarding unfinished persisted model %s (%s; run %s)", lm.model_id, why,
                 lm.source_run_id)
@@ -498,7 +498,7 @@ def base_source_dir(manifest) -> Path:
     `serving.resolve_base` fetches (Hub / HF cache, or a download from a remote store)."""
     from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
-    from steps.persist import local_path_of
+    from lora_pipeline.registry.persist import local_path_of
 
     if not manifest.is_hub and manifest.artifact_uri:
         try:
@@ -511,7 +511,7 @@ def base_source_dir(manifest) -> Path:
             local = None
         if local is not None and all((local / f.path).is_file() for f in manifest.files):
             return local
-    from steps.serving import resolve_base
+    from lora_pipeline.model.serving import resolve_base
 
     return resolve_base(manifest)
 
@@ -537,7 +537,7 @@ def _download_source_files(source: Source, dest: Path) -> None:
 
 
 def _verify_source_files(source: Source, local: Path) -> None:
-    from steps.serving import verify_artifacts
+    from lora_pipeline.model.serving import verify_artifacts
 
     arts = (source.mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {})
     paths = {name: local / spec["path"] for name, spec in arts.items()
@@ -575,7 +575,7 @@ def persist(client, source: Source, run, lineage: dict[str, str]):
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
-    from steps.persist import PersistStats, check_sizes, persist_files
+    from lora_pipeline.registry.persist import PersistStats, check_sizes, persist_files
 
     run_id = run.info.run_id
     src_root = base_source_dir(source.manifest)  # before creating anything: a missing base leaves nothing
@@ -672,8 +672,8 @@ def run(args: Args) -> Result:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from steps.cli import configure_tracking
-    from steps.runs import step_run
+    from lora_pipeline.cli import configure_tracking
+    from lora_pipeline.tracking.runs import step_run
 
     # Everything is checked before the run starts: a bad input leaves no run and no registry change.
     validate_static(args).raise_if_any()

@@ -18,7 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-for p in (str(ROOT), str(TESTS)):
+# Tiers: unit/ (pure functions), per_step/ (each step on a tiny model, temporary store), e2e/ (slow `mlflow
+# run`, Git, team server), faults/; support/ holds the local Hub, tiny-model and GGUF factories.
+SUPPORT = TESTS / "support"
+PER_STEP = TESTS / "per_step"  # tests/faults reuse the tiny-model settings of test_main
+for p in (str(ROOT), str(TESTS), str(SUPPORT), str(PER_STEP)):
     if p not in sys.path:
         sys.path.insert(0, p)
 

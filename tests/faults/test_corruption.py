@@ -11,11 +11,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from steps import artifacts, serving
+from lora_pipeline import artifacts
+from lora_pipeline.base.manifest import load_manifest
+from lora_pipeline.errors import StepError
+from lora_pipeline.model import serving
 from steps import download_snapshot as ds
 from steps import evaluate_checkpoint as ev
-from steps.errors import StepError
-from steps.manifest import load_manifest
 
 from conftest import SHARED_E2E, runs_with_status
 

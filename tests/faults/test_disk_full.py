@@ -21,8 +21,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from steps import artifacts, download_snapshot, finetune
-from steps.errors import StepError
+from lora_pipeline import artifacts
+from lora_pipeline.errors import StepError
+from steps import download_snapshot, finetune
 
 from conftest import ROOT
 

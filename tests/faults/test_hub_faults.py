@@ -13,10 +13,10 @@ import time
 import pytest
 
 from faults.conftest import REPO
-from steps import artifacts
+from lora_pipeline import artifacts
+from lora_pipeline.base.manifest import load_manifest, sha256_file
+from lora_pipeline.errors import InputError
 from steps import download_snapshot as ds
-from steps.errors import InputError
-from steps.manifest import load_manifest, sha256_file
 
 from conftest import runs_with_status
 

@@ -17,7 +17,9 @@ import time
 import mlflow
 import pytest
 
-from steps import artifacts, download_snapshot, finetune, stale
+from lora_pipeline import artifacts
+from lora_pipeline.tracking import stale
+from steps import download_snapshot, finetune
 
 from conftest import ROOT
 

@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from steps import artifacts
+from lora_pipeline import artifacts
 from steps import persist_and_register as par
 
 from conftest import runs_with_status

@@ -17,6 +17,7 @@ import pytest
 
 from faults.conftest import REPO
 from faults.secscan import scan_paths, scan_store
+from lora_pipeline.tracking import version
 from steps import download_snapshot as ds
 
 pytestmark = pytest.mark.faults
@@ -84,7 +85,6 @@ def test_the_whole_pipeline_never_stores_the_token(tracking, faulty_hub, secrets
     """`main` with every step as its own process (mlflow.projects.run), base from the Hub with a token."""
     import test_main  # the tiny-model settings and data of the main tests
 
-    from steps import stepcache
 
     test_main._require_all_steps()
     data = test_main.write_dataset(tmp_path / "train.csv", 0, rows=40)
@@ -92,7 +92,7 @@ def test_the_whole_pipeline_never_stores_the_token(tracking, faulty_hub, secrets
             "--dataset", str(data), "--copy_hub_weights", "true"]
     for k, v in test_main.tiny_params().items():
         argv += [f"--{k}", v]
-    env = {**venv_env, stepcache.CODE_VERSION_ENV: "test-code", "E2E_LORA_LOG_LEVEL": "DEBUG"}
+    env = {**venv_env, version.CODE_VERSION_ENV: "test-code", "E2E_LORA_LOG_LEVEL": "DEBUG"}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"Bearer {HF_SENTINEL}" in faulty_hub.authorizations

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.base.manifest import load_manifest
 from steps import download_snapshot as ds
-from steps.manifest import load_manifest
 
 from conftest import ROOT
 
@@ -62,7 +62,7 @@ class _RunsCode:
 def test_pickle_is_pinned_only_when_allowed_and_never_runs_code(tracking, tiny_model_dir, tmp_path):
     import torch
 
-    from steps import serving
+    from lora_pipeline.model import serving
 
     marker = tmp_path / "code-ran"
     d = tmp_path / "evil"

@@ -14,18 +14,19 @@ import mlflow
 import psutil
 import pytest
 
-from steps import artifacts, stale
+from lora_pipeline import artifacts
+from lora_pipeline.tracking import stale
+from lora_pipeline.tracking.runs import step_run
 from steps import download_snapshot as ds
-from steps.runs import step_run
 
 pytestmark = pytest.mark.faults
 
-# A step process: starts a step run exactly as the steps do (steps.runs.step_run records the process),
+# A step process: starts a step run exactly as the steps do (lora_pipeline.tracking.runs.step_run records the process),
 # prints the run id, then waits for stdin to close or dies by SIGKILL as told.
 _STEP = textwrap.dedent("""
     import os, sys
     from steps import download_snapshot as ds
-    from steps.runs import step_run
+    from lora_pipeline.tracking.runs import step_run
 
     with step_run("finetune", ds.Args()) as run:
         print(run.info.run_id, flush=True)
@@ -50,12 +51,12 @@ def killed(proc: subprocess.Popen) -> None:
 
 
 def test_killed_step_is_closed_as_killed_by_the_next_step_start(tracking, venv_env):
-    """Through steps.runs.step_run only: it records the process and closes stale runs at start."""
+    """Through lora_pipeline.tracking.runs.step_run only: it records the process and closes stale runs at start."""
     proc, run_id = start_step(venv_env, "die")
     killed(proc)
     assert tracking.get_run(run_id).info.status == "RUNNING"  # what MLflow leaves behind
     tags = tracking.get_run(run_id).data.tags
-    assert stale.PID_TAG in tags  # steps.runs.step_run records the process
+    assert stale.PID_TAG in tags  # lora_pipeline.tracking.runs.step_run records the process
 
     with step_run("download_snapshot", ds.Args()):  # the next start of any step
         pass

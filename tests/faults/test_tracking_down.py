@@ -21,7 +21,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from steps import artifacts, stepcache
+from lora_pipeline import artifacts
+from lora_pipeline.tracking import version
 
 from conftest import ROOT
 from hubserver import free_port
@@ -124,7 +125,7 @@ def test_server_stopped_mid_pipeline_then_resumed(tracking_server, tiny_model_di
     for k, v in test_main.tiny_params(max_steps="40").items():
         argv += [f"--{k}", v]
     env = dict(venv_env, **QUICK_HTTP, MLFLOW_TRACKING_URI=tracking_server.uri, OMP_NUM_THREADS="1",
-               MLFLOW_EXPERIMENT_ID=tracking_server.experiment_id, **{stepcache.CODE_VERSION_ENV: "test-code"})
+               MLFLOW_EXPERIMENT_ID=tracking_server.experiment_id, **{version.CODE_VERSION_ENV: "test-code"})
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 600
