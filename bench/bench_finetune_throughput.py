@@ -4,8 +4,8 @@
     .venv/bin/python bench/bench_finetune_throughput.py --model path/to/checkpoint_dir    # any local base
 
 Same base, same data (data/sample.csv, same split), same steps, same batches (same seed), same
-evaluation and save schedule, in one process. Three trainings, alternated `--repeats` times so
-machine load drifts hit all of them alike; the median of each is compared:
+evaluation and save schedule, in one process. Three trainings, alternated `--repeats` times (the
+order rotates each repeat) so machine load drifts hit all of them alike; the median of each is compared:
   * `plain-full`:   `Trainer` with the model's own loss (LM head at every position), no reporting;
                     checkpoints saved locally only;
   * `plain-answer`: `Trainer` with the step's answer-only loss, no reporting, local checkpoints;
@@ -30,15 +30,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import record  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="download_snapshot `model`: 'default' or a local dir")
-    ap.add_argument("--steps", type=int, default=10)
+    # Defaults = the pipeline's default schedule (finetune.Args: 40 steps, save + eval every 20), 5 repeats.
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--save-steps", type=int, default=5, help="also the eval interval")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--save-steps", type=int, default=20, help="also the eval interval")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-seq-length", type=int, default=1024)
     return ap.parse_args()
 
@@ -103,8 +107,10 @@ def main() -> int:
     results = []
     print(f"model={ns.model} steps={ns.steps} batch={ns.batch_size} save/eval every {ns.save_steps} "
           f"torch threads={torch.get_num_threads()} repeats={ns.repeats}", flush=True)
+    names = ["plain-full", "plain-answer", "step"]
     for rep in range(ns.repeats):
-        for name in ("plain-full", "plain-answer", "step"):
+        # Rotate the order each repeat, so no side always runs first (warm caches) or last.
+        for name in names[rep % 3:] + names[:rep % 3]:
             if name == "step":
                 secs, toks, res = step()
                 results.append(res)
@@ -121,11 +127,26 @@ def main() -> int:
         print(f"{k:13s} median {v:8.1f} tok/s")
     # Ratios within each repeat (the three ran back to back, under the same machine load), then
     # the median over repeats: a load spike in one repeat does not mix with another's figures.
+    ratios = {}
     for base, why in (("plain-answer", "reporting + checkpoint-logging overhead; goal >= 0.97"),
                       ("plain-full", "the step vs a vanilla Trainer set-up")):
         paired = [b_s / s_s for (b_s, _), (s_s, _) in zip(runs[base], runs["step"], strict=True)]
+        ratios[base] = record.spread(paired)
         print(f"ratio step / {base:12s} = {statistics.median(paired):.3f}  per repeat "
               f"{', '.join(f'{r:.3f}' for r in paired)}  ({why})")
+    ra = ratios["plain-answer"]
+    # The step does strictly more work than plain-answer (the same training plus logging), so a ratio
+    # whose range reaches 1 says only "no overhead measurable above the noise".
+    verdict = " (range reaches 1.0: overhead inside the noise)" if record.within_noise(ra) else ""
+    record.write("finetune_throughput", figures={
+        "steps": ns.steps, "save_steps": ns.save_steps, "batch_size": ns.batch_size, "repeats": ns.repeats,
+        "tokens": tokens.pop(), "tok_per_s": rate, "step_over_plain_answer": ra,
+        "step_over_plain_full": ratios["plain-full"]},
+        rows=[{"figure": f"finetune throughput, step / plain `Trainer` with the same answer-only loss "
+                         f"({ns.steps} steps, save + eval every {ns.save_steps}, {ns.repeats} alternating repeats)",
+               "goal": ">= 0.97", "measured": record.fmt_spread(ra) + verdict},
+              {"figure": "finetune throughput, step / vanilla `Trainer` (full-vocabulary logits)", "goal": "",
+               "measured": record.fmt_spread(ratios["plain-full"])}])
     for r in results:
         print(f"step run {r.run_id}: {r.checkpoints_logged} checkpoints; training loop spent "
               f"{r.checkpoint_on_save_s:.3f} s handing them over and {r.checkpoint_final_wait_s:.2f} s "

@@ -15,12 +15,15 @@ per repeat, on the same disk, in alternating order:
   * `cp -r` of the same snapshot files (and `sync` of the copies: ours fsyncs every file), and the
     sha256 of those files alone (no copy): the floor of any copy verified against the manifest;
   * `mlflow.transformers.persist_pretrained_model` where it works: the same base as a plain
-    transformers model logged with `save_pretrained=False` against a local Hub (olah, tests/hubserver.py,
+    transformers model logged with `save_pretrained=False` against a local Hub (olah, tests/support/hubserver.py,
     serving the same files); measured in a child the same way (weights written / wall time), and
     its reload with the Hub gone compared with the original logits.
 Finally (correctness only, not timed) persist_pretrained_model on a PEFT model over the same Hub base.
-Prints every repeat, the medians and the ratios: P2 = peak RSS growth / bytes persisted (goal <= 10%),
-P6 = persist throughput / cp throughput (goal >= 0.8).
+Prints every repeat, the medians and the ratios, and writes bench/results/persist.json. The headline
+figures are what a user waits for and pays: P2 = peak RSS growth / bytes persisted, counted from BEFORE
+the MLflow stores are opened (goal <= 10%); P6 = `cp -r` + `sync` time / the WHOLE step's time, per
+alternated repeat (the same durability: ours fsyncs every file; goal >= 0.8). The copy phase alone is
+printed too, for diagnosis only.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from pathlib import Path
 
 SELF = Path(__file__).resolve()
 ROOT = SELF.parent.parent
-for p in (str(ROOT), str(ROOT / "tests")):
+for p in (str(ROOT), str(ROOT / "tests" / "support"), str(ROOT / "bench")):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+import record  # noqa: E402
 
 P2_GOAL, P6_GOAL = 0.10, 0.8
 HUB_REPO = "bench/smollm2-135m-instruct"
@@ -375,6 +380,22 @@ def main() -> int:
         print(f"persist_pretrained_model: peak RSS growth / bytes {median(ppms, 'growth') / median(ppms, 'bytes'):.0%}, "
               f"throughput / cp {(median(ppms, 'bytes') / median(ppms, 'step_s')) / cp_rate:.2f}; reload with "
               f"the Hub gone: max |dlogits| = {p['max_abs_delta']:.2e} ({p['class']})")
+    p2_full = [(o["growth"] + o["store_init"]) / total for o in ours]
+    p6_step = [(c["cp_s"] + c["sync_s"]) / o["step_s"] for c, o in zip(cps, ours, strict=True)]
+    p2s, p6s = record.spread(p2_full), record.spread(p6_step)
+    record.write("persist", figures={
+        "bytes": total, "files": len(manifest.files), "repeats": a.repeats, "p2_from_before_stores": p2s,
+        "p6_whole_step_vs_cp_sync": p6s, "step_s": record.spread([o["step_s"] for o in ours]),
+        "copy_s": record.spread([o["copy_s"] for o in ours]),
+        "cp_sync_s": record.spread([c["cp_s"] + c["sync_s"] for c in cps]),
+        "store_init_bytes": init},
+        rows=[{"figure": "P2 `persist_and_register` peak RSS growth (from before the stores open) / bytes "
+                         f"persisted ({total / MB:.0f} MB default base)", "goal": f"<= {P2_GOAL:.0%}",
+               "measured": f"{100 * p2s['median']:.1f}% (range {100 * p2s['min']:.1f}-{100 * p2s['max']:.1f}%, "
+                           f"n={p2s['n']})"},
+              {"figure": "P6 `cp -r` + `sync` time / whole `persist_and_register` step time", "goal": f">= {P6_GOAL}",
+               "measured": record.fmt_spread(p6s, 2) + (" (inside the noise of 1.0)" if record.within_noise(p6s)
+                                                         else "")}])
     if peft:
         print(f"persist_pretrained_model on a PEFT model (same base): reload with the Hub gone gives "
               f"max |dlogits| = {peft['max_abs_delta']:.3g} ({peft['class']}) -> "
