@@ -30,6 +30,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import record  # noqa: E402
+
 TARGET = 0.05  # P5: cached rerun <= 5% of the first run
 
 
