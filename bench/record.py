@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+# Taken at import: benchmarks chdir into (and later delete) their work folders.
+_SCRIPT = Path(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
 
 
 def git_commit() -> str:
@@ -83,11 +85,11 @@ def write(name: str, *, figures: dict, rows: list[dict], argv: Sequence[str] | N
         if missing:
             raise ValueError(f"row {row} lacks {sorted(missing)}")
     argv = list(sys.argv if argv is None else argv)
-    script = Path(argv[0]).resolve()
+    script = _SCRIPT if _SCRIPT is not None and Path(argv[0]).name == _SCRIPT.name else Path(argv[0])
     try:
         argv[0] = script.relative_to(ROOT).as_posix()
     except ValueError:
-        argv[0] = script.name
+        argv[0] = "bench/" + script.name
     payload = {"name": name, "command": ".venv/bin/python " + shlex.join(argv), "commit": git_commit(),
                "measured_at": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
                "figures": figures, "rows": rows}
