@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 
 _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
-CACHE_KEY_TAG = artifacts.CACHE_KEY_TAG
-CODE_VERSION_TAG = artifacts.CODE_VERSION_TAG
-INPUT_DIGEST_TAG_PREFIX = artifacts.INPUT_DIGEST_TAG_PREFIX
-MANIFEST_DIGEST_TAG = artifacts.MANIFEST_DIGEST_TAG
 
 # --- input digests -----------------------------------------------------------------------------
 
@@ -70,7 +66,7 @@ def uri_digest(client, uri: str) -> str:
     parsed = artifacts.parse_runs_uri(uri)
     if parsed and parsed[1] == artifacts.MANIFEST_PATH:
         try:
-            digest = client.get_run(parsed[0]).data.tags.get(MANIFEST_DIGEST_TAG)
+            digest = client.get_run(parsed[0]).data.tags.get(artifacts.MANIFEST_DIGEST_TAG)
         except Exception:  # a deleted or foreign run: fall back to the URI (a miss, never a false hit)
             digest = None
         if digest:
@@ -97,8 +93,8 @@ class CacheKey:
         self.digest = hashlib.sha256(canonical.encode()).hexdigest()
 
     def tags(self) -> dict[str, str]:
-        out = {CACHE_KEY_TAG: self.digest, CODE_VERSION_TAG: self.code_version}
-        out.update({INPUT_DIGEST_TAG_PREFIX + k: v for k, v in self.input_digests.items()})
+        out = {artifacts.CACHE_KEY_TAG: self.digest, artifacts.CODE_VERSION_TAG: self.code_version}
+        out.update({artifacts.INPUT_DIGEST_TAG_PREFIX + k: v for k, v in self.input_digests.items()})
         return out
 
 
@@ -137,7 +133,7 @@ def make_key(client, entry_point: str, params: Mapping[str, str], *, code: str,
 def _search(client, experiment_id: str, key: CacheKey, statuses: Iterable[str]) -> list:
     # (MLflow's run search accepts IN only for run_id: statuses are filtered here.)
     wanted = set(statuses)
-    flt = (f"tags.`{CACHE_KEY_TAG}` = '{key.digest}' AND tags.`{artifacts.STEP_TAG}` = "
+    flt = (f"tags.`{artifacts.CACHE_KEY_TAG}` = '{key.digest}' AND tags.`{artifacts.STEP_TAG}` = "
            f"'{key.entry_point}'")
     runs = client.search_runs([experiment_id], filter_string=flt, max_results=200,
                               order_by=["attributes.start_time DESC"])

@@ -31,13 +31,6 @@ from lora_pipeline import artifacts
 
 log = logging.getLogger(__name__)
 
-HOST_TAG = artifacts.HOST_TAG
-PID_TAG = artifacts.PID_TAG
-PID_STARTED_TAG = artifacts.PID_STARTED_TAG
-HEARTBEAT_TAG = artifacts.HEARTBEAT_TAG
-STALE_REASON_TAG = artifacts.STALE_REASON_TAG
-STEP_TAG = artifacts.STEP_TAG
-PARENT_TAG = artifacts.PARENT_TAG
 # psutil reports create_time with 1/100 s resolution (Linux clock ticks); a float round-trip through a
 # tag string keeps 6 decimals. 1 s of tolerance is far above both and far below any pid reuse interval.
 _START_TOLERANCE_S = 1.0
@@ -65,10 +58,10 @@ def process_tags(pid: int | None = None) -> dict[str, str]:
     pid = os.getpid() if pid is None else pid
     started = _process_started(pid)
     return {
-        HOST_TAG: socket.gethostname(),
-        PID_TAG: str(pid),
-        PID_STARTED_TAG: f"{started:.3f}" if started is not None else "",
-        HEARTBEAT_TAG: f"{time.time():.0f}",
+        artifacts.HOST_TAG: socket.gethostname(),
+        artifacts.PID_TAG: str(pid),
+        artifacts.PID_STARTED_TAG: f"{started:.3f}" if started is not None else "",
+        artifacts.HEARTBEAT_TAG: f"{time.time():.0f}",
     }
 
 
@@ -76,7 +69,7 @@ def why_stale(tags: dict[str, str], *, host: str | None = None, now: float | Non
               heartbeat_timeout_s: float | None = None) -> str | None:
     """Why the run with these tags is stale, or None if it may still be running (or we cannot tell)."""
     host = host or socket.gethostname()
-    run_host, pid_text = tags.get(HOST_TAG), tags.get(PID_TAG, "")
+    run_host, pid_text = tags.get(artifacts.HOST_TAG), tags.get(artifacts.PID_TAG, "")
     if not run_host or not pid_text.isdigit():
         return None  # not ours to judge by process (see close_stale_runs for parent-based closing)
     if run_host == host:
@@ -84,7 +77,7 @@ def why_stale(tags: dict[str, str], *, host: str | None = None, now: float | Non
         started = _process_started(pid)
         if started is None:
             return f"process {pid} on {host} is gone (killed or crashed without ending the run)"
-        recorded = tags.get(PID_STARTED_TAG, "")
+        recorded = tags.get(artifacts.PID_STARTED_TAG, "")
         if started >= 0 and recorded:
             try:
                 if abs(started - float(recorded)) > _START_TOLERANCE_S:
@@ -95,7 +88,7 @@ def why_stale(tags: dict[str, str], *, host: str | None = None, now: float | Non
         return None
     if heartbeat_timeout_s is None:
         return None
-    beat = tags.get(HEARTBEAT_TAG, "")
+    beat = tags.get(artifacts.HEARTBEAT_TAG, "")
     try:
         age = (now or time.time()) - float(beat)
     except ValueError:
@@ -150,8 +143,8 @@ def close_stale_runs(client=None, experiment_ids: Sequence[str] | None = None, *
         skip.add(active.info.run_id)
     mine = str(os.getpid())
     host = socket.gethostname()
-    ours = [r for r in runs if STEP_TAG in r.data.tags and r.info.run_id not in skip
-            and not (r.data.tags.get(HOST_TAG) == host and r.data.tags.get(PID_TAG) == mine)]
+    ours = [r for r in runs if artifacts.STEP_TAG in r.data.tags and r.info.run_id not in skip
+            and not (r.data.tags.get(artifacts.HOST_TAG) == host and r.data.tags.get(artifacts.PID_TAG) == mine)]
 
     closed: dict[str, str] = {}
     for r in ours:  # runs that name their process
@@ -162,9 +155,9 @@ def close_stale_runs(client=None, experiment_ids: Sequence[str] | None = None, *
     # run is stale when its parent is (closed just now, or already ended).
     status_of = {r.info.run_id: r.info.status for r in runs}
     for r in ours:
-        if PID_TAG in r.data.tags or r.info.run_id in closed:
+        if artifacts.PID_TAG in r.data.tags or r.info.run_id in closed:
             continue
-        parent = r.data.tags.get(PARENT_TAG)
+        parent = r.data.tags.get(artifacts.PARENT_TAG)
         if not parent:
             continue
         if parent in closed:
@@ -182,7 +175,7 @@ def close_stale_runs(client=None, experiment_ids: Sequence[str] | None = None, *
     done = []
     for run_id, reason in closed.items():
         try:
-            client.set_tag(run_id, STALE_REASON_TAG, reason)
+            client.set_tag(run_id, artifacts.STALE_REASON_TAG, reason)
             client.set_terminated(run_id, "KILLED")
         except Exception as err:
             log.warning("could not close stale run %s: %s", run_id, err)
@@ -210,7 +203,7 @@ class Heartbeat:
         client = self._client or mlflow.MlflowClient()
         while not self._stop.wait(self.interval_s):
             try:
-                client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+                client.set_tag(self.run_id, artifacts.HEARTBEAT_TAG, f"{time.time():.0f}")
             except Exception as err:
                 log.debug("heartbeat of run %s failed: %s", self.run_id, err)
 

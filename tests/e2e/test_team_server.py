@@ -305,10 +305,11 @@ def _main_is_implemented() -> tuple[bool, str]:
     import importlib
 
     import steps.main as main_step
+    from lora_pipeline.orchestration.compose import STEP_NAMES
 
     if [f.name for f in dataclasses.fields(main_step.Args)] == ["placeholder"]:
         return False, "steps.main is still the 'not implemented' placeholder (Args has only `placeholder`)"
-    for name in getattr(main_step, "STEP_NAMES", ()):
+    for name in STEP_NAMES:
         mod = importlib.import_module(f"steps.{name}")
         if [f.name for f in dataclasses.fields(mod.Args)] == ["placeholder"]:
             return False, f"step {name} is not implemented yet (Args has only `placeholder`)"

@@ -18,7 +18,6 @@ import mlflow
 import pytest
 
 from lora_pipeline import artifacts
-from lora_pipeline.tracking import stale
 from steps import download_snapshot, finetune
 
 from conftest import ROOT
@@ -103,6 +102,6 @@ def test_killed_finetune_resumes_from_its_last_checkpoint(tracking, tiny_model_d
     assert len(unfinished) <= 1  # a PENDING/FAILED checkpoint is never resumed from (checked above)
     killed = tracking.get_run(run_id)
     assert killed.info.status == "KILLED", killed.info.status
-    assert killed.data.tags[stale.STALE_REASON_TAG].startswith(f"process {proc.pid} ")
+    assert killed.data.tags[artifacts.STALE_REASON_TAG].startswith(f"process {proc.pid} ")
     # The checkpoints the killed run logged stay loadable (the rerun started from one of them).
     assert mlflow.pyfunc.load_model(artifacts.model_uri(checkpoints(tracking, run_id)[ready[-1]].model_id))

@@ -56,13 +56,13 @@ def test_killed_step_is_closed_as_killed_by_the_next_step_start(tracking, venv_e
     killed(proc)
     assert tracking.get_run(run_id).info.status == "RUNNING"  # what MLflow leaves behind
     tags = tracking.get_run(run_id).data.tags
-    assert stale.PID_TAG in tags  # lora_pipeline.tracking.runs.step_run records the process
+    assert artifacts.PID_TAG in tags  # lora_pipeline.tracking.runs.step_run records the process
 
     with step_run("download_snapshot", ds.Args()):  # the next start of any step
         pass
     run = tracking.get_run(run_id)
     assert run.info.status == "KILLED"
-    assert run.data.tags[stale.STALE_REASON_TAG].startswith(f"process {proc.pid} on {socket.gethostname()} is gone")
+    assert run.data.tags[artifacts.STALE_REASON_TAG].startswith(f"process {proc.pid} on {socket.gethostname()} is gone")
     assert run.info.end_time is not None
 
 
@@ -85,15 +85,15 @@ def test_close_stale_runs_closes_only_dead_processes(tracking, venv_env):
 def test_a_reused_pid_is_not_mistaken_for_the_step(tracking):
     """The pid is alive, but it is another process (started later): the run is still stale."""
     me = psutil.Process(os.getpid())
-    tags = {stale.HOST_TAG: socket.gethostname(), stale.PID_TAG: str(me.pid),
-            stale.PID_STARTED_TAG: f"{me.create_time() - 3600:.3f}"}  # "our" process started an hour earlier
+    tags = {artifacts.HOST_TAG: socket.gethostname(), artifacts.PID_TAG: str(me.pid),
+            artifacts.PID_STARTED_TAG: f"{me.create_time() - 3600:.3f}"}  # "our" process started an hour earlier
     assert "now belongs to another process" in stale.why_stale(tags)
-    tags[stale.PID_STARTED_TAG] = f"{me.create_time():.3f}"
+    tags[artifacts.PID_STARTED_TAG] = f"{me.create_time():.3f}"
     assert stale.why_stale(tags) is None
 
 
 def test_other_hosts_are_judged_by_heartbeat_only_when_asked(tracking):
-    tags = {stale.HOST_TAG: "another-host", stale.PID_TAG: "1", stale.HEARTBEAT_TAG: f"{time.time() - 600:.0f}"}
+    tags = {artifacts.HOST_TAG: "another-host", artifacts.PID_TAG: "1", artifacts.HEARTBEAT_TAG: f"{time.time() - 600:.0f}"}
     assert stale.why_stale(tags) is None  # a host we cannot see is never judged by default
     assert stale.why_stale(tags, heartbeat_timeout_s=900) is None
     assert "no heartbeat from another-host for 600s" in stale.why_stale(tags, heartbeat_timeout_s=300)
@@ -114,7 +114,7 @@ def test_children_without_a_process_follow_their_dead_parent(tracking, venv_env)
 
 def test_the_current_run_and_runs_of_other_tools_are_never_touched(tracking, monkeypatch):
     exp = mlflow.get_experiment_by_name("tests").experiment_id
-    dead = {stale.HOST_TAG: socket.gethostname(), stale.PID_TAG: "999999999"}  # no such pid
+    dead = {artifacts.HOST_TAG: socket.gethostname(), artifacts.PID_TAG: "999999999"}  # no such pid
     foreign = tracking.create_run(exp, tags=dict(dead))  # no pipeline.step tag: not this pipeline's
     handed = tracking.create_run(exp, tags={**dead, artifacts.STEP_TAG: "finetune"})
     monkeypatch.setenv("MLFLOW_RUN_ID", handed.info.run_id)  # what `mlflow run` hands to the step

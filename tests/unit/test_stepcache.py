@@ -144,7 +144,7 @@ def test_manifest_uri_is_keyed_by_the_manifest_digest(tracking):
     runs = []
     for _ in range(2):
         r = tracking.create_run(exp)
-        tracking.set_tag(r.info.run_id, stepcache.MANIFEST_DIGEST_TAG, "abc123")
+        tracking.set_tag(r.info.run_id, artifacts.MANIFEST_DIGEST_TAG, "abc123")
         runs.append(r.info.run_id)
     keys = [stepcache.make_key(tracking, "finetune", {"manifest_uri": artifacts.manifest_uri(rid)},
                                code="c") for rid in runs]
