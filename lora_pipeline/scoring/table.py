@@ -34,7 +34,7 @@ _FORMATS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parqu
 _COMPRESSED = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
 _URI = re.compile(r"^[A-Za-z][\w+.\-]*:/")
 _TABLE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*){0,2}$")
-_TEMP_TAG = ".batch_score-"  # hidden temporary output: .<name>.batch_score-<pid>-<random>
+_TEMP_TAG = ".batch_score-"  # hidden work folder beside the output: .<name>.batch_score-<pid>-<random>
 _INPUT_FIX = ("pass a CSV (with a header row), JSON Lines or Parquet file or folder, a URI Spark can "
               "read, or a table name the Spark catalog knows")
 
@@ -248,6 +248,10 @@ def _remove_stale_temps(target: str) -> None:
     for p in parent.glob(f".{name}{_TEMP_TAG}*"):
         pid = p.name[len(f".{name}{_TEMP_TAG}"):].split("-")[0]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            if (p / "replaced").exists() and not os.path.lexists(target):
+                # Killed between moving the old table aside and renaming the new one in: restore it.
+                log.warning("restoring %s, which a killed batch_score was replacing", target)
+                os.rename(p / "replaced", target)
             log.info("removing %s, left by a killed batch_score", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -260,8 +264,10 @@ def write_atomically(spark, frame, value: str, overwrite: bool) -> int:
     if not remote:
         _remove_stale_temps(target)
     parent, name = target.rsplit("/", 1)
-    tmp = f"{parent}/.{name}{_TEMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    old = tmp + "-replaced"
+    # The table is written inside a hidden folder beside `output` (readers of the parent skip it), under
+    # a plain name: Spark refuses to read a path whose own name starts with '.' or '_'.
+    work = f"{parent}/.{name}{_TEMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, old = f"{work}/table", f"{work}/replaced"
     moved = False
     try:
         frame.write.mode("errorifexists").parquet(_spark_path(tmp))
@@ -276,10 +282,9 @@ def write_atomically(spark, frame, value: str, overwrite: bool) -> int:
     except BaseException:
         if moved and not fs.exists(target):
             fs.rename(old, target)  # put back what overwrite was about to replace
-        fs.delete(tmp)
+        fs.delete(work)
         raise
-    if moved:
-        fs.delete(old)
+    fs.delete(work)  # with the replaced table, if any
     log.info("wrote %d rows to %s", rows, target)
     return rows
 

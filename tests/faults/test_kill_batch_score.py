@@ -57,7 +57,7 @@ def test_kill_9_while_writing_leaves_no_output_and_rerun_completes(tracking, tin
         proc = subprocess.Popen(argv, env=venv_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not list(tmp_path.glob(".scored.batch_score-*/_temporary")):
+        while not list(tmp_path.glob(".scored.batch_score-*/table/_temporary")):
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "Spark never started writing"
             time.sleep(0.1)

@@ -235,3 +235,18 @@ def test_mlflow_run_batch_score(tracking, champion, tmp_path):
     assert run.data.tags[artifacts.STEP_TAG] == "batch_score"
     assert run.data.tags[bs.MODEL_VERSION_TAG] == "1"
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["output_rows"] == len(src)
+
+
+def test_a_table_a_killed_job_was_replacing_is_restored(tmp_path):
+    """kill -9 between moving the old output aside and renaming the new one in: the next run puts the old
+    table back before removing the killed job's work folder."""
+    import psutil
+
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not psutil.pid_exists(pid))
+    work = tmp_path / f".scored.batch_score-{dead}-0123abcd"
+    (work / "replaced").mkdir(parents=True)
+    (work / "replaced" / "part-0.parquet").write_bytes(b"old table")
+    (work / "table").mkdir()
+    table._remove_stale_temps(str(tmp_path / "scored"))
+    assert (tmp_path / "scored" / "part-0.parquet").read_bytes() == b"old table"
+    assert not work.exists()
