@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_pipeline.errors import InputError, Problem, Problems, one_line
+from lora_pipeline.errors import InputError, Problem, Problems, StepError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,6 @@ def local_path(value: str) -> Path:
     return Path(value.removeprefix("file://") if value.startswith("file://") else value).expanduser()
 
 
-def _read_error(value: str, what: str, err: BaseException) -> InputError:
-    return InputError(Problem("input", value, f"cannot be read as {what} ({type(err).__name__}: "
-                                              f"{one_line(err, 200)})", _INPUT_FIX))
-
-
 @dataclass
 class InputTable:
     frame: object  # pyspark DataFrame
@@ -130,7 +125,8 @@ def read_input(spark, value: str, column: str, reserved: list[str]) -> InputTabl
             frame, source = reader.load(uri), uri
         rows = frame.count()
     except (PySparkException, Py4JError) as err:
-        raise _read_error(value, "a table", err) from None
+        raise InputError(Problem("input", value, f"cannot be read as a table ({type(err).__name__}: "
+                                 f"{one_line(err, 200)})", _INPUT_FIX)) from None
     problems = Problems()
     if column not in frame.columns:
         problems.add("input_column", column, f"is not a column of the input (columns: "
@@ -155,7 +151,7 @@ def scored_frame(frame, column: str, udf, result_type, output_names: list[str], 
     from pyspark.sql import functions as F
 
     text = _col(column).cast("string")
-    error = (F.when(text.isNull() | (F.length(F.trim(text)) == 0), F.lit(ERR_EMPTY))
+    error = (F.when(text.isNull() | text.rlike(r"^\s*$"), F.lit(ERR_EMPTY))
              .when(F.length(text) > MAX_TEXT_CHARS, F.lit(ERR_TOO_LONG)))
     marked = frame.withColumn(ERROR_COLUMN, error.cast("string"))
     pred = "__prediction"
@@ -256,8 +252,9 @@ def _remove_stale_temps(target: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def write_atomically(spark, frame, value: str, overwrite: bool) -> int:
-    """Write `frame` as Parquet beside `output`, count it, and rename it into place; returns the rows."""
+def write_atomically(spark, frame, value: str, overwrite: bool, expected_rows: int) -> int:
+    """Write `frame` as Parquet beside `output`, check it has `expected_rows`, and rename it into place;
+    returns the rows written."""
     remote = is_uri(value)
     fs = _HadoopFs(spark, value) if remote else _LocalFs()
     target = output_target(value)
@@ -272,6 +269,9 @@ def write_atomically(spark, frame, value: str, overwrite: bool) -> int:
     try:
         frame.write.mode("errorifexists").parquet(_spark_path(tmp))
         rows = read_output(spark, tmp).count()
+        if rows != expected_rows:  # never expected: the UDF returns one row per row it is given
+            raise StepError(f"scoring wrote {rows} rows for {expected_rows} input rows; nothing was "
+                            f"published at {value}; fix: report this as a bug")
         if fs.exists(target):
             problems = Problems()
             check_output(value, overwrite, problems, spark)  # someone wrote it while this job scored

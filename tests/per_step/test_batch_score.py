@@ -33,6 +33,7 @@ BAD_ROWS = {  # text -> the error it must get
     None: table.ERR_EMPTY,
     "": table.ERR_EMPTY,
     "   ": table.ERR_EMPTY,
+    "\t\n ": table.ERR_EMPTY,
     "Zizzi is a pub. " * 600: table.ERR_TOO_LONG,
 }
 
@@ -250,3 +251,53 @@ def test_a_table_a_killed_job_was_replacing_is_restored(tmp_path):
     table._remove_stale_temps(str(tmp_path / "scored"))
     assert (tmp_path / "scored" / "part-0.parquet").read_bytes() == b"old table"
     assert not work.exists()
+
+
+def test_the_device_reaches_the_model_through_the_environment(tracking, champion, monkeypatch):
+    """What batch_score hands its Spark workers (E2E_LORA_DEVICE) is what the model loads on."""
+    import torch
+
+    from lora_pipeline.errors import StepError
+    from lora_pipeline.model.device import DEVICE_ENV
+
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert mlflow.pyfunc.load_model(champion).unwrap_python_model().model.device.type == "cpu"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(DEVICE_ENV, "cuda")
+        with pytest.raises(StepError, match=r"^device 'cuda' was asked for, but torch sees no CUDA device"):
+            mlflow.pyfunc.load_model(champion)
+
+
+_FAILING_MODEL = '''
+import mlflow
+import mlflow.pyfunc
+
+
+class Failing(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        raise ValueError("the model broke on purpose")
+
+
+mlflow.models.set_model(Failing())
+'''
+
+
+def test_a_model_that_fails_in_the_workers_is_one_line_and_publishes_nothing(spark, tracking, tmp_path):
+    """The worker's own exception, not Spark's wrapper and traceback, is the one line; no output."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from lora_pipeline.errors import StepError
+
+    (tmp_path / "failing.py").write_text(_FAILING_MODEL)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="failing", python_model=str(tmp_path / "failing.py"),
+                                       signature=ModelSignature(Schema([ColSpec("string", "prompt")]),
+                                                                Schema([ColSpec("string", "mr")])))
+    make_table(4).to_parquet(tmp_path / "in.parquet")
+    with pytest.raises(StepError, match=r"^scoring into .*scored failed \(ValueError: the model broke on "
+                                        r"purpose\); nothing was written there; fix: "):
+        bs.run(args(tmp_path / "in.parquet", tmp_path / "scored", model_uri=info.model_uri))
+    assert not (tmp_path / "scored").exists() and not list(tmp_path.glob(".scored*"))
+    (run,) = batch_score_runs(tracking)
+    assert run.info.status == "FAILED"
