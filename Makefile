@@ -8,9 +8,13 @@ STAMP := $(VENV)/.installed
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast test-faults lint mlproject conda-env lock clean server server-stop server-status
+.PHONY: setup java run test test-fast test-faults lint mlproject conda-env lock clean server server-stop server-status
 
-setup: $(STAMP)
+setup: $(STAMP) java
+
+# batch_score's Spark needs Java 17+: found, installed (root + apt-get), or named exactly (scripts/java.sh).
+java:
+	scripts/java.sh
 
 # Idempotent: reruns only when a requirements file changed. torch==2.13.0 resolves to the local CPU wheel.
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt

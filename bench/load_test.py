@@ -219,7 +219,7 @@ def baseline(model_uri: str, batches: Batches, seconds: float, max_new_tokens: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from steps.persist_and_register import CHAMPION_ALIAS, DEFAULT_REGISTERED_NAME
+    from lora_pipeline.artifacts import CHAMPION_ALIAS, DEFAULT_REGISTERED_NAME
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-uri", default=f"models:/{DEFAULT_REGISTERED_NAME}@{CHAMPION_ALIAS}")

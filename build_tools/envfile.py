@@ -14,6 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_VERSION = "3.11.7"
+# pyspark (batch_score) starts a JVM: conda-forge's OpenJDK, so a conda env needs no system Java.
+JAVA = "openjdk=17"
 
 
 def requirements(path: Path = ROOT / "requirements.txt") -> list[str]:
@@ -35,6 +37,7 @@ def render() -> str:
         "  - conda-forge\n"
         "dependencies:\n"
         f"  - python={PYTHON_VERSION}\n"
+        f"  - {JAVA}\n"
         "  - pip\n"
         "  - pip:\n"
         f"{pins}\n"

@@ -12,9 +12,9 @@ import sys
 
 from lora_pipeline.cli import fields_of
 
-# Entry points in pipeline order; `main` chains the first five.
+# Entry points in pipeline order; `main` chains the first five; `batch_score` uses what they registered.
 ENTRY_POINTS = ("download_snapshot", "finetune", "log_reference", "evaluate_checkpoint",
-                "persist_and_register", "main")
+                "persist_and_register", "main", "batch_score")
 _MLFLOW_TYPE = {str: "string", int: "int", float: "float", bool: "string"}
 
 

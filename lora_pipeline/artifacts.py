@@ -45,6 +45,8 @@ VALIDATION_DATA_PATH = "data/validation.jsonl"  # finetune's held-out split, rea
 EVAL_TABLE_FILE = "eval_table.json"  # evaluate_checkpoint's per-example table
 SUMMARY_TABLE_FILE = "summary/steps.json"  # main's summary, machine-readable
 SUMMARY_TEXT_FILE = "summary/steps.txt"  # main's summary, as printed
+SCORED_TABLE_OUTPUT = "scored_table"  # batch_score: the Parquet folder it wrote
+OUTPUT_SCHEMA_FILE = "output_schema.json"  # batch_score: that table's Spark schema
 
 # --- inside logged models -----------------------------------------------------------------------
 MLMODEL_FILE = "MLmodel"
@@ -66,6 +68,7 @@ CHECKPOINT_EVAL_LOSS_TAG = "finetune.eval_loss"
 BEST_TAG = "finetune.best"
 
 # --- registry (persist_and_register) ------------------------------------------------------------
+DEFAULT_REGISTERED_NAME = "e2e-extractor"  # persist_and_register's default; batch_score scores its champion
 CHAMPION_ALIAS = "champion"
 CHALLENGER_ALIAS = "challenger"
 # On the persisted logged model and on the registered version: the model it was made from.

@@ -61,7 +61,6 @@ ENTRY_POINT = "persist_and_register"
 
 FINETUNE_ENTRY_POINT = "finetune"
 
-DEFAULT_REGISTERED_NAME = "e2e-extractor"
 # Metrics for which lower is better; every other metric is "higher is better".
 LOWER_IS_BETTER = ("unparsable_rate",)
 # A registered name ends up in `models:/<name>@<alias>` and `models:/<name>/<version>` URIs and, in
@@ -85,7 +84,7 @@ class Args:
     model_uri: str = param("", "model to persist and register: models:/<model_id> printed by "
                            "log_reference or evaluate_checkpoint (an E2E extractor that refers to its "
                            "base and was evaluated)")
-    registered_name: str = param(DEFAULT_REGISTERED_NAME, "registered model name in the MLflow "
+    registered_name: str = param(artifacts.DEFAULT_REGISTERED_NAME, "registered model name in the MLflow "
                                  "Model Registry")
     gate_metric: str = param("slot_f1", "evaluation metric the promotion gate compares, as "
                              "evaluate_checkpoint logged it on the model (base_<metric> is the base "

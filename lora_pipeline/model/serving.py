@@ -16,7 +16,8 @@ Serving: input column `prompt` (sentences); params `temperature`, `max_new_token
 `batch_size`, `precision` (auto | bf16 | fp32: the compute precision of generation); output columns
 `mr` (normalised MR, or the raw text if unparsable), `attributes` (JSON object slot -> value),
 `valid` (whether the output parsed). Generation is batched with left padding, so results do not
-depend on the batch size.
+depend on the batch size. The model loads on the device `E2E_LORA_DEVICE` names (lora_pipeline/model/device.py;
+default cpu).
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
+                        add_special_tokens=False).to(model.device)
         with torch.inference_mode(), autocast(model, precision):
             gen = model.generate(**enc, generation_config=cfg)
         texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -299,14 +300,20 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         return self._bf16_model
 
     def load_context(self, context) -> None:
+        from lora_pipeline.model.device import serving_device
+
         self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
+        try:
+            device = serving_device()  # before the weights load: a bad setting fails in a second
+        except ValueError as err:
+            raise StepError(str(err)) from None
         arts = context.artifacts
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
         self.manifest = manifest
         verify_artifacts(arts)
         if names.FULL_MODEL_ARTIFACT in arts:
             path = Path(arts[names.FULL_MODEL_ARTIFACT])
-            self.model, self.tokenizer = load_causal_lm(path), load_tokenizer(path)
+            self.model, self.tokenizer = load_causal_lm(path).to(device), load_tokenizer(path)
             return
         if names.PERSISTED_BASE_ARTIFACT in arts:
             base_dir = Path(arts[names.PERSISTED_BASE_ARTIFACT])
@@ -317,7 +324,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         model = load_causal_lm(base_dir)
         if names.ADAPTER_ARTIFACT in arts:
             model = apply_adapter(model, Path(arts[names.ADAPTER_ARTIFACT]))
-        self.model = model.eval()
+        self.model = model.eval().to(device)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd

@@ -162,6 +162,17 @@ CASES = [
       r"^env_manager='docker': is not an env manager" + FIX),
     C("main-step-problem", "main", "--lora_dropout 2",
       r"^lora_dropout=2(\.0)?: must be in \[0, 1\) \(finetune\)" + FIX),
+    # --- batch_score (the cases found before Spark starts; Spark-side ones: tests/per_step) ------
+    C("bs-no-champion", "batch_score", "--input {train} --output {train}.scored",
+      r"^model_uri='models:/e2e-extractor@champion': no such model \(.*\)" + FIX),
+    C("bs-not-model-uri", "batch_score", "--model_uri champion --input {train} --output {train}.scored",
+      r"^model_uri='champion': is not a model URI" + FIX),
+    C("bs-input-missing", "batch_score", "--input /nonexistent/in.parquet --output {train}.scored",
+      r"^input='/nonexistent/in\.parquet': no such file or folder" + FIX, lines=2),
+    C("bs-output-exists", "batch_score", "--model_uri models:/m-0 --input {train} --output {tiny}",
+      r"^output='.*': already exists and is not empty" + FIX + "pass overwrite=true", lines=2),
+    C("bs-device", "batch_score", "--model_uri models:/m-0 --input {train} --output {train}.scored --device gpu",
+      r"^device='gpu': is not a device" + FIX + "pass one of: auto, cpu, cuda", lines=2),
 ]
 
 
