@@ -31,8 +31,7 @@ from typing import Any
 from lora_pipeline.cli import param, run_cli
 from lora_pipeline.errors import InputError, Problems, StepError
 from lora_pipeline.model import precision
-from lora_pipeline.training import launch, plan, resume
-from lora_pipeline.training.session import Result
+from lora_pipeline.training import launch, plan, resume, session
 
 DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -111,8 +110,8 @@ def validate_static(args: Args) -> Problems:
               f"use one of: {', '.join(precision.PRECISIONS)}")
     p.require(args.lr_scheduler in SCHEDULERS, "lr_scheduler", args.lr_scheduler, "is not supported",
               f"use one of: {', '.join(SCHEDULERS)}")
-    p.require(bool(plan.target_module_names(args.target_modules)), "target_modules", args.target_modules, "is empty",
-              f"pass comma-separated linear module names, e.g. {DEFAULT_TARGET_MODULES}")
+    p.require(bool(plan.target_module_names(args.target_modules)), "target_modules", args.target_modules,
+              "is empty", f"pass comma-separated linear module names, e.g. {DEFAULT_TARGET_MODULES}")
     if args.eval_steps > 0 and args.save_steps > 0:
         p.require(args.save_steps % args.eval_steps == 0, "save_steps", args.save_steps,
                   f"is not a multiple of eval_steps={args.eval_steps}, so some checkpoints would have "
@@ -154,18 +153,16 @@ def prepare(args: Args) -> plan.Plan:
     return plan.stage(args, ds, report, manifest, resume_target, problems)
 
 
-def run(args: Args, *, callbacks: Sequence[Any] = ()) -> Result:
+def run(args: Args, *, callbacks: Sequence[Any] = ()) -> session.Result:
     """Validate, then train (in this process, or under torchrun when num_processes > 1).
 
     `callbacks`: extra `TrainerCallback`s (single-process only), e.g. for tests and benchmarks.
     """
-    from lora_pipeline.training.session import train
-
     staged = prepare(args)
     try:
         if args.num_processes > 1:
             return launch.launch(staged, module="steps.finetune")  # each rank: main() below
-        return train(staged, callbacks=callbacks)
+        return session.train(staged, callbacks=callbacks)
     finally:
         shutil.rmtree(staged.work_dir, ignore_errors=True)
 
