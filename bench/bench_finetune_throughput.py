@@ -60,6 +60,7 @@ def main() -> int:
     import torch
     from transformers import Trainer, TrainerCallback
 
+    from lora_pipeline.training import session
     from lora_pipeline.training.trainer_utils import AnswerCollator, AnswerOnlyTrainer
     from steps import download_snapshot, finetune
 
@@ -85,8 +86,8 @@ def main() -> int:
         clock = Clock()
         plan = finetune.prepare(args)
         try:
-            parts = finetune.build(plan)
-            targs = finetune._training_arguments(args, Path(plan.work_dir) / "trainer", world_size=1)
+            parts = session.build(plan)
+            targs = session.training_arguments(args, Path(plan.work_dir) / "trainer", world_size=1)
             trainer = trainer_cls(model=parts.model, args=targs, train_dataset=parts.train,
                                   eval_dataset=parts.validation, processing_class=parts.tokenizer,
                                   data_collator=AnswerCollator(parts.tokenizer.pad_token_id),

@@ -15,7 +15,7 @@ from pathlib import Path
 def cache_root() -> Path:
     env = os.environ.get("E2E_LORA_CACHE")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "e2e-lora"
 

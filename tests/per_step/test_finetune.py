@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from lora_pipeline import artifacts
 from lora_pipeline.errors import InputError
+from lora_pipeline.model import precision
 from steps import download_snapshot, finetune
 
 from conftest import ROOT
@@ -193,7 +194,7 @@ def test_training_updates_lora_only_and_every_checkpoint_reloads_with_equal_logi
     assert result.last_checkpoint_uri == artifacts.model_uri(ckpts[4].model_id)
     outs = artifacts.get_outputs(run)
     assert outs == {"checkpoint": result.checkpoint_uri, "last_checkpoint": result.last_checkpoint_uri,
-                    "validation_data": f"runs:/{result.run_id}/{finetune.VALIDATION_DATA_PATH}"}
+                    "validation_data": f"runs:/{result.run_id}/{artifacts.VALIDATION_DATA_PATH}"}
     val_rows = [json.loads(x) for x in mlflow.artifacts.load_text(outs["validation_data"]).splitlines()]
     assert val_rows and set(val_rows[0]) == {"mr", "ref"}
     all_mrs = {r["mr"] for r in csv.DictReader(open(small_csv, encoding="utf-8"))}
@@ -241,11 +242,11 @@ def test_bf16_training_logs_the_exact_fp32_weights(tracking, manifest_uri, small
 
 
 def test_resolve_precision():
-    assert finetune.resolve_precision("fp32") == "fp32"
-    assert finetune.resolve_precision("bf16") == "bf16"
-    assert finetune.resolve_precision("auto") in ("bf16", "fp32")
+    assert precision.resolve_precision("fp32") == "fp32"
+    assert precision.resolve_precision("bf16") == "bf16"
+    assert precision.resolve_precision("auto") in ("bf16", "fp32")
     with pytest.raises(ValueError, match=r"^precision 'fp16' is not supported; use one of: auto, bf16, fp32$"):
-        finetune.resolve_precision("fp16")
+        precision.resolve_precision("fp16")
 
 
 def _model_dir(model_id: str):
@@ -265,7 +266,7 @@ def test_resume_continues_the_same_loss_curve(tracking, manifest_uri, small_csv)
     resumed = finetune.run(dataclasses_replace(args, resume_from="last"))
 
     run = tracking.get_run(resumed.run_id)
-    assert run.data.tags[finetune.RESUMED_FROM_TAG] == first.run_id
+    assert run.data.tags[artifacts.RESUMED_FROM_TAG] == first.run_id
     want, got = loss_history(whole.run_id), loss_history(resumed.run_id)
     assert sorted(got) == [4, 5, 6]  # continues at the step after the checkpoint
     for step in got:

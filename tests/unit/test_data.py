@@ -249,7 +249,7 @@ def test_augment_leaves_rows_it_cannot_rewrite_safely(sentence, mr):
 def test_augment_rows_rewrites_the_asked_fraction_reproducibly():
     import datasets
 
-    from steps.finetune import augment_rows
+    from lora_pipeline.training.session import augment_rows
 
     rows = [{"ref": f"Aromi {i} is a pub near Zizzi.", "mr": f"name[Aromi {i}], eatType[pub], near[Zizzi]"}
             for i in range(200)]
