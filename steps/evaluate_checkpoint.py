@@ -3,9 +3,10 @@
 Input: a model URI (`models:/<id>`, `runs:/<run>/<name>`, `models:/<name>@<alias>`) of a model this
 pipeline logged, and an evaluation set (default: the held-out split the `finetune` run behind the
 model logged, found by following the model's lineage (lora_pipeline/tracking/lineage.py); else a
-.csv/.jsonl file, an artifact URI of one, or a Hub dataset id). The base is evaluated on the same sentences through the same code path
-(the served model without its adapter, base resolved and verified from the pinned manifest), so
-every report shows base vs candidate.
+.csv/.jsonl file, an artifact URI of one, or a Hub dataset id). The base is evaluated on the same
+sentences through the same code path (the served model without its adapter, base resolved and
+verified from the pinned manifest), so every report shows base vs candidate
+(lora_pipeline/model/evaluation.py).
 
 Metrics (lora_pipeline/task/e2e.py `Scores`): slot precision / recall / F1 (micro, and per slot), exact match of
 the whole MR, rate of unparsable outputs, generation tokens per second. They go to this run
@@ -26,7 +27,7 @@ from pathlib import Path
 from lora_pipeline import artifacts
 from lora_pipeline.cli import param, run_cli
 from lora_pipeline.errors import InputError, Problem, Problems
-from lora_pipeline.model.logged import looks_like_model_uri
+from lora_pipeline.model.logged import latest_output, looks_like_model_uri, model_info
 from lora_pipeline.model.precision import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,6 @@ def default_eval_data(model_uri: str, model_id: str) -> str:
 
 def run(args: Args) -> Result:
     from lora_pipeline.cli import configure_tracking
-    from lora_pipeline.model.logged import latest_output, model_info
 
     validate_static(args).raise_if_any()
     configure_tracking()
