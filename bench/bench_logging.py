@@ -158,6 +158,7 @@ def main() -> None:
     from lora_pipeline import artifacts
     from lora_pipeline.base.manifest import load_manifest
     from lora_pipeline.model import serving
+    from lora_pipeline.model.logged import logged_model_bytes
     from steps import download_snapshot, log_reference
 
     snap = download_snapshot.run(download_snapshot.Args(model=opts.model))
@@ -177,7 +178,7 @@ def main() -> None:
         default = mlflow.transformers.log_model(
             {"model": peft_model, "tokenizer": serving.load_tokenizer(base_dir)}, name="default",
             task="text-generation", pip_requirements=serving.pip_requirements())
-    default_bytes = log_reference.logged_model_bytes(default.model_id)
+    default_bytes = logged_model_bytes(default.model_id)
     print("\nP1  logged model bytes / base weight bytes (goal <= 1%)")
     print(f"    ours (log_reference, adapter {_dir_bytes(adapter_dir) / 1e6:.2f} MB): "
           f"{ours.logged_bytes / 1e6:8.2f} MB  ratio {ours.logged_bytes / weight_bytes:.4f} "

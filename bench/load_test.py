@@ -219,10 +219,10 @@ def baseline(model_uri: str, batches: Batches, seconds: float, max_new_tokens: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_pipeline.artifacts import CHAMPION_ALIAS, DEFAULT_REGISTERED_NAME
+    from lora_pipeline import artifacts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-uri", default=f"models:/{DEFAULT_REGISTERED_NAME}@{CHAMPION_ALIAS}")
+    p.add_argument("--model-uri", default=f"models:/{artifacts.DEFAULT_REGISTERED_NAME}@{artifacts.CHAMPION_ALIAS}")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--max-requests", type=int, default=100_000, help="requests in all, at most")

@@ -29,7 +29,9 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 ALLOW = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
 PICKLE = ["pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt"]
 # Any one of these beside the weights means the checkpoint has its tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# A checkpoint has a loadable tokenizer when one of these holds its vocabulary (tokenizer_config.json alone
+# does not: it only configures one of them). One list for every check of a checkpoint folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def classify(model: str) -> str:

@@ -427,18 +427,7 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
         )
         if validate_serving_input:
             return mlflow.pyfunc.log_model(**kwargs)
-        from mlflow.models import Model
+        # pyfunc.log_model has no switch for MLflow's serving check: the private part lives in one place.
+        from lora_pipeline.model.mlflow_private import log_pyfunc_without_serving_check
 
-        # What mlflow.pyfunc.log_model does, with MLflow's serving check turned off (pyfunc.log_model
-        # has no switch for it; Model.log does, and hands its other arguments to the flavor).
-        return Model.log(artifact_path=None, flavor=_PyfuncWithoutServingCheck,
-                         flavor_name="pyfunc.CustomPythonModel",
-                         validate_serving_input=False, **kwargs)
-
-
-class _PyfuncWithoutServingCheck:
-    """The pyfunc flavor for `Model.log`, dropping the `validate_serving_input` switch it is given."""
-
-    @staticmethod
-    def save_model(path, validate_serving_input: bool = True, **kwargs):
-        return mlflow.pyfunc.save_model(path, **kwargs)
+        return log_pyfunc_without_serving_check(**kwargs)

@@ -68,8 +68,8 @@ def test_kill_at_the_registry_then_rerun(where, tracking, tiny_model_dir, tmp_pa
 
     res = par.run(par.Args(model_uri=cand.uri, registered_name=NAME))
     assert [str(v.version) for v in tracking.search_model_versions(f"name = '{NAME}'")] == ["1"]
-    assert res.registered_uri == f"models:/{NAME}/1" and res.alias == par.CHAMPION_ALIAS
-    assert str(tracking.get_model_version_by_alias(NAME, par.CHAMPION_ALIAS).version) == "1"
+    assert res.registered_uri == f"models:/{NAME}/1" and res.alias == artifacts.CHAMPION_ALIAS
+    assert str(tracking.get_model_version_by_alias(NAME, artifacts.CHAMPION_ALIAS).version) == "1"
     assert res.persisted_bytes == 0  # the complete copy was reused, not made again
     after = [m for m in tracking.search_logged_models([killed[0].info.experiment_id])
              if m.name == artifacts.PERSISTED_MODEL_NAME]

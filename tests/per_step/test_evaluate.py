@@ -87,9 +87,9 @@ def test_defaults_follow_the_lineage_and_log_everything(tracking, reference):
     model_metrics = {x.key: x.value for x in lm.metrics}
     assert model_metrics["slot_f1"] == m["candidate.slot_f1"]
     assert model_metrics["base_slot_f1"] == m["base.slot_f1"]
-    assert lm.tags[ev.EVAL_RUN_TAG] == res.run_id
+    assert lm.tags[artifacts.EVAL_RUN_TAG] == res.run_id
 
-    table = json.loads(Path(tracking.download_artifacts(res.run_id, ev.EVAL_TABLE_FILE)).read_text())
+    table = json.loads(Path(tracking.download_artifacts(res.run_id, artifacts.EVAL_TABLE_FILE)).read_text())
     df = pd.DataFrame(table["data"], columns=table["columns"])
     assert list(df.columns) == ["sentence", "expected", "predicted", "f1", "base_predicted", "base_f1"]
     assert len(df) == 10 and set(df["sentence"]) <= set(pd.read_csv(SHARED_E2E / "devset-cleaned.csv")["ref"])
@@ -121,7 +121,7 @@ def test_scores_are_computed_from_the_answers(tracking, reference, tmp_path, mon
     # name: tp 2, fn 1 -> 4/5; area: fp 1, fn 1 -> 0; food: tp 1 -> 1.
     assert c["slot_f1.name"] == pytest.approx(0.8) and c["slot_f1.area"] == 0 and c["slot_f1.food"] == 1
     assert res.base["slot_f1"] == 0 and res.base["unparsable_rate"] == 1
-    table = json.loads(Path(tracking.download_artifacts(res.run_id, ev.EVAL_TABLE_FILE)).read_text())
+    table = json.loads(Path(tracking.download_artifacts(res.run_id, artifacts.EVAL_TABLE_FILE)).read_text())
     df = pd.DataFrame(table["data"], columns=table["columns"])
     assert df["f1"].tolist() == pytest.approx([1.0, 0.4, 0.0])  # row 2: 2*1/(2*1+1+2)
     assert df["predicted"].tolist()[2] == "Cotto, I think"  # unparsable answers are shown as written

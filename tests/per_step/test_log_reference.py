@@ -50,7 +50,7 @@ def test_reference_model_refers_to_base_and_serves(tracking, checkpoint, tiny_mo
     assert artifacts.get_outputs(run) == {"model": res.model_uri}
     lm = mlflow.MlflowClient().get_logged_model(res.model_id)
     assert lm.name == artifacts.REFERENCE_MODEL_NAME and lm.source_run_id == res.run_id
-    assert lm.tags[lr.SOURCE_MODEL_TAG] == ckpt and lm.tags[lr.MODEL_KIND_TAG] == "adapter"
+    assert lm.tags[artifacts.SOURCE_MODEL_TAG] == ckpt and lm.tags[artifacts.MODEL_KIND_TAG] == "adapter"
 
     files = _logged_files(res.model_id)
     # The adapter is there byte for byte; the trainer state and the base weights are not.
@@ -85,7 +85,7 @@ def test_default_checkpoint_is_the_latest_finetune_best(tracking, tiny_model_dir
         ckpts.append(ckpt)
     res = lr.run(lr.Args())
     lm = mlflow.MlflowClient().get_logged_model(res.model_id)
-    assert lm.tags[lr.SOURCE_MODEL_TAG] == ckpts[-1]
+    assert lm.tags[artifacts.SOURCE_MODEL_TAG] == ckpts[-1]
     assert res.base_reference == load_manifest(manifest_uri).reference()
 
 
@@ -93,7 +93,7 @@ def test_runs_uri_of_a_checkpoint_is_accepted(tracking, checkpoint):
     _, ckpt = checkpoint
     lm = mlflow.MlflowClient().get_logged_model(artifacts.parse_model_id_uri(ckpt))
     res = lr.run(lr.Args(checkpoint_uri=f"runs:/{lm.source_run_id}/{lm.name}"))
-    assert mlflow.MlflowClient().get_logged_model(res.model_id).tags[lr.SOURCE_MODEL_TAG] == ckpt
+    assert mlflow.MlflowClient().get_logged_model(res.model_id).tags[artifacts.SOURCE_MODEL_TAG] == ckpt
 
 
 def test_manifest_of_another_base_is_refused(tracking, checkpoint, tmp_path):
@@ -155,7 +155,7 @@ def test_full_model_is_logged_file_by_file_without_loading(tracking, tiny_model_
               if k.startswith(f"artifacts/{artifacts.FULL_MODEL_ARTIFACT}/")}
     expected = {p.name: sha256_file(p) for p in tiny_model_dir.iterdir() if p.is_file()}
     assert logged == expected
-    assert mlflow.MlflowClient().get_logged_model(res.model_id).tags[lr.MODEL_KIND_TAG] == "full"
+    assert mlflow.MlflowClient().get_logged_model(res.model_id).tags[artifacts.MODEL_KIND_TAG] == "full"
     assert mlflow.models.get_model_info(res.model_uri).saved_input_example_info is not None
     # The spy is live: loading the model (what MLflow's serving check would do) trips it.
     with pytest.raises(AssertionError, match="weights were loaded"):

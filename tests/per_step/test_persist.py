@@ -82,13 +82,13 @@ def make_candidate(tmp_path: Path, tiny_model_dir: Path, snap, *, seed: int = 1,
 
     adapter = make_adapter(tiny_model_dir, tmp_path / f"adapter-{seed}", seed)
     with mlflow.start_run() as ft:
-        mlflow.set_tags({artifacts.STEP_TAG: "finetune", par.DATASET_DIGEST_TAG: dataset_digest})
+        mlflow.set_tags({artifacts.STEP_TAG: "finetune", artifacts.DATASET_DIGEST_TAG: dataset_digest})
         ckpt = serving.log_e2e_model(artifacts.checkpoint_model_name(1), snap.manifest,
                                      adapter_dir=adapter, step=1, with_input_example=False)
     with mlflow.start_run():
         mlflow.set_tags({artifacts.STEP_TAG: "log_reference"})
         ref = serving.log_e2e_model(artifacts.REFERENCE_MODEL_NAME, snap.manifest, adapter_dir=adapter,
-                                    tags={par.SOURCE_MODEL_TAG: artifacts.model_uri(ckpt.model_id)},
+                                    tags={artifacts.SOURCE_MODEL_TAG: artifacts.model_uri(ckpt.model_id)},
                                     with_input_example=False)
     eval_run = None
     if metrics:
@@ -96,7 +96,7 @@ def make_candidate(tmp_path: Path, tiny_model_dir: Path, snap, *, seed: int = 1,
             mlflow.set_tags({artifacts.STEP_TAG: "evaluate_checkpoint"})
             mlflow.log_metrics(metrics, model_id=ref.model_id)
             mlflow.MlflowClient().set_logged_model_tags(ref.model_id,
-                                                        {par.EVAL_RUN_TAG: eval_run.info.run_id})
+                                                        {artifacts.EVAL_RUN_TAG: eval_run.info.run_id})
     return SimpleNamespace(model_id=ref.model_id, uri=artifacts.model_uri(ref.model_id),
                            finetune_run_id=ft.info.run_id,
                            eval_run_id=eval_run.info.run_id if eval_run else "", adapter=adapter)

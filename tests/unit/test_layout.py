@@ -68,3 +68,14 @@ def test_step_modules_stay_thin():
     sizes = {p.name: len(p.read_text().splitlines()) for p in STEPS.glob("*.py")}
     fat = {name: n for name, n in sizes.items() if n > 300}
     assert not fat, f"entry points over 300 lines (move the work into lora_pipeline/): {fat}"
+
+
+def test_readme_layout_lists_every_module():
+    """The README's annotated tree gives one line per module of steps/, the core and build_tools/."""
+    readme = (ROOT / "README.md").read_text()
+    tree = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    names = {line.split()[0] for line in tree.splitlines() if line.strip()}
+    modules = sorted(p.relative_to(ROOT) for d in ("steps", "lora_pipeline", "build_tools")
+                     for p in (ROOT / d).rglob("*.py") if p.name != "__init__.py")
+    missing = [str(m) for m in modules if m.name not in names and str(m) not in names]
+    assert not missing, f"README layout tree lacks: {missing}"
