@@ -422,7 +422,8 @@ def test_failed_finetune_is_resumed_from_its_checkpoint(pipeline, tracking, monk
 def test_children_run_through_mlflow_projects_run_nested_under_main(tracking, tmp_path, monkeypatch):
     """The real launcher: `mlflow.projects.run` into the runs main created, one process per step."""
     monkeypatch.setenv(version.CODE_VERSION_ENV, "test-code")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(Path(__file__).parent)]))
+    # tests/ too: test_main imports the helpers of tests/conftest.py.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(Path(__file__).parent)]))
     project = tmp_path / "project"
     project.mkdir()
     (project / "fake_step.py").write_text(
