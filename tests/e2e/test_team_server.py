@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, skip_or_fail_in_ci
 
 SCRIPT = ROOT / "scripts" / "server.sh"
 HOST = "127.0.0.1"
@@ -89,7 +89,8 @@ class Server:
     def start(self) -> subprocess.CompletedProcess:
         res = self.script("start", check=False)
         if res.returncode != 0 and "needs root" in res.stderr:
-            pytest.skip(f"PostgreSQL is not installed and cannot be installed as non-root: {res.stderr.strip()}")
+            skip_or_fail_in_ci(f"PostgreSQL is not installed and cannot be installed as non-root: "
+                               f"{res.stderr.strip()}")
         if res.returncode != 0:
             raise AssertionError(f"server.sh start exited {res.returncode}:\n{res.stderr}")
         return res

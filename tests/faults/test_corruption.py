@@ -18,7 +18,7 @@ from lora_pipeline.model import serving
 from steps import download_snapshot as ds
 from steps import evaluate_checkpoint as ev
 
-from conftest import SHARED_E2E, runs_with_status
+from conftest import runs_with_status, sample_rows
 
 pytestmark = pytest.mark.faults
 
@@ -80,9 +80,9 @@ def store_file(tracking, run_or_model_id: str, name: str) -> Path:
 def eval_set(tmp_path: Path) -> Path:
     import pandas as pd
 
-    df = pd.read_csv(SHARED_E2E / "devset-cleaned.csv").head(3)
+    df = pd.DataFrame(sample_rows(0, 3), columns=["mr", "ref"])
     path = tmp_path / "eval.jsonl"
-    df[["mr", "ref"]].to_json(path, orient="records", lines=True)
+    df.to_json(path, orient="records", lines=True)
     return path
 
 

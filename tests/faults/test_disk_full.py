@@ -1,8 +1,8 @@
 """Disk full while finetune logs a checkpoint: a clear error, and what was saved before stays intact.
 
 The experiment's artifact store is a small tmpfs mounted by the test (root only; skipped with the
-reason otherwise). Training runs in this process on the tiny model; once the first checkpoint is
-READY, a callback fills the tmpfs, so the next checkpoint's upload hits ENOSPC.
+reason otherwise, a failure under CI=true). Training runs in this process on the tiny model; once the
+first checkpoint is READY, a callback fills the tmpfs, so the next checkpoint's upload hits ENOSPC.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lora_pipeline import artifacts
 from lora_pipeline.errors import StepError
 from steps import download_snapshot, finetune
 
-from conftest import ROOT
+from conftest import ROOT, skip_or_fail_in_ci
 
 pytestmark = pytest.mark.faults
 
@@ -36,11 +36,11 @@ def small_fs(tmp_path):
     mount = tmp_path / "small-fs"
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a size-limited tmpfs needs root and mount(8)")
+        skip_or_fail_in_ci("mounting a size-limited tmpfs needs root and mount(8)")
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        skip_or_fail_in_ci(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
         yield mount
     finally:

@@ -13,6 +13,7 @@ from steps import persist_and_register as par
 from conftest import ROOT
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # a model server start (~20-60 s on 2 shared cores)
+RATIO_FLOOR = 0.25  # served / in-process sentences per second (see the test)
 
 
 def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, tmp_path, venv_env):
@@ -33,4 +34,12 @@ def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, 
     assert served["wall_s"] < 8 + 60  # and in time (the last requests may still finish)
     assert 0 < served["p50_s"] <= served["p99_s"]
     assert result["in_process"]["requests"] > 0 and result["ratio"] > 0
+    # Served throughput against in-process (sentences/s). Measured 0.95-1.07 on 2 shared CPU cores
+    # (tiny model, batches of 2, 8 new tokens, 4 clients): the clients overlap HTTP and JSON work
+    # with generation, so serving keeps about all of it. The floor leaves 4x for noise (the two
+    # phases run one after the other on a shared machine); below it each request would cost the
+    # server 3x the model's own time on something else (a model reload or a process per request,
+    # retries).
+    assert result["in_process"]["errors"] == 0
+    assert result["ratio"] >= RATIO_FLOOR, proc.stdout[-2000:]
     assert "served (HTTP, 4 cl.)" in proc.stdout and "ratio served / in-process" in proc.stdout

@@ -110,12 +110,27 @@ def test_hub_unreachable_retries_with_backoff_then_fails(tracking, hub):
     assert runs_with_status(tracking, "FINISHED") == []
 
 
-def test_token_is_never_logged(tracking, hub, monkeypatch):
+def test_token_is_never_logged(tracking, hub, monkeypatch, tmp_path):
+    from faults.hubproxy import FaultyProxy  # no fault set: it only forwards and records headers
+    from faults.secscan import scan_paths, scan_store
+
     sentinel = "hf_SENTINEL_do_not_log_7d1c"
-    monkeypatch.setenv("HF_TOKEN", sentinel)
-    res = ds.run(ds.Args(model=REPO, revision="main"))
+    with FaultyProxy(hub.endpoint) as recorder:
+        point_hf_hub_at(monkeypatch, recorder.endpoint, tmp_path / "hf_home")
+        monkeypatch.setenv("HF_TOKEN", sentinel)  # after point_hf_hub_at, which clears it
+        res = ds.run(ds.Args(model=REPO, revision="main"))
+    # The token reached the Hub (else "not logged" would prove nothing): every request carried it.
+    assert recorder.requests and len(recorder.authorizations) == len(recorder.requests)
+    assert set(recorder.authorizations) == {f"Bearer {sentinel}"}
     run = tracking.get_run(res.run_id)
     blob = repr(run.data.params) + repr(run.data.tags) + repr(run.data.metrics)
     blob += "".join(Path(p).read_text(errors="ignore") for p in Path.cwd().rglob("*") if p.is_file()
                     and p.suffix in (".json", ".txt", ".yaml", ".log", ""))
     assert sentinel not in blob
+    # Everything the store shows through its API, artifacts downloaded, then its raw files (the
+    # SQLite database and the artifact folder, byte for byte).
+    where, seen = scan_store(tracking, sentinel)
+    files, n_files = scan_paths([tmp_path / "mlflow.db", tmp_path / "mlartifacts"], sentinel)
+    assert where == [] and files == [], where + files
+    assert seen["runs"] == 1 and seen["params"] > 0 and seen["tags"] > 0 and seen["artifact_files"] > 0
+    assert n_files > 1  # the database and at least the manifest

@@ -19,7 +19,7 @@ from lora_pipeline.model import serving
 from steps import evaluate_checkpoint as ev
 from steps import log_reference as lr
 
-from conftest import SHARED_E2E, runs_with_status
+from conftest import runs_with_status, sample_rows
 
 # Three examples whose scores are worked out by hand below (`test_scores_...`).
 ROWS = [
@@ -63,7 +63,7 @@ def fake_finetune(manifest_uri: str, adapter: Path, validation_rows) -> tuple[st
 def reference(tracking, tiny_model_dir, adapter) -> tuple[str, str]:
     """(model URI of log_reference's model, held-out split URI of the finetune run behind it)."""
     manifest_uri = snapshot(str(tiny_model_dir))
-    rows = pd.read_csv(SHARED_E2E / "devset-cleaned.csv").iloc[:10][["mr", "ref"]].values.tolist()
+    rows = sample_rows(0, 10)
     ckpt, val = fake_finetune(manifest_uri, adapter, rows)
     return lr.run(lr.Args(checkpoint_uri=ckpt)).model_uri, val
 
@@ -92,7 +92,7 @@ def test_defaults_follow_the_lineage_and_log_everything(tracking, reference):
     table = json.loads(Path(tracking.download_artifacts(res.run_id, artifacts.EVAL_TABLE_FILE)).read_text())
     df = pd.DataFrame(table["data"], columns=table["columns"])
     assert list(df.columns) == ["sentence", "expected", "predicted", "f1", "base_predicted", "base_f1"]
-    assert len(df) == 10 and set(df["sentence"]) <= set(pd.read_csv(SHARED_E2E / "devset-cleaned.csv")["ref"])
+    assert len(df) == 10 and set(df["sentence"]) == {ref for _, ref in sample_rows(0, 10)}
 
 
 def test_scores_are_computed_from_the_answers(tracking, reference, tmp_path, monkeypatch):

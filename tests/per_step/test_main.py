@@ -30,7 +30,7 @@ from lora_pipeline.orchestration import pipeline as runner
 from lora_pipeline.tracking import version
 from steps import main
 
-from conftest import ROOT, SHARED_E2E, TESTS, runs_with_status
+from conftest import ROOT, TESTS, runs_with_status, sample_rows
 
 # --- stand-in steps ----------------------------------------------------------------------------
 
@@ -526,15 +526,13 @@ def tiny_params(**over: str) -> dict[str, str]:
 
 
 def write_dataset(path: Path, start: int, rows: int = 40) -> Path:
-    """`rows` examples (mr, ref) of the shared E2E split, from row `start`."""
+    """`rows` examples (mr, ref) of the project's data/sample.csv, from row `start`."""
     import csv
 
-    with open(SHARED_E2E / "devset-cleaned.csv", newline="") as fh:
-        data = list(csv.DictReader(fh))[start:start + rows]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["mr", "ref"])
-        w.writerows([r["mr"], r["ref"]] for r in data)
+        w.writerows(sample_rows(start, rows))
     return path
 
 

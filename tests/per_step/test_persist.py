@@ -407,3 +407,10 @@ def test_mlflow_models_serve_answers_a_batch(tracking, tiny_model_dir, snap, tmp
     assert len(rows) == len(SENTENCES)
     assert all(set(r) == {"mr", "attributes", "valid"} for r in rows)
     assert all(isinstance(r["valid"], bool) and isinstance(json.loads(r["attributes"]), dict) for r in rows)
+    # The served answers are the registered model's own, predicted in this process on the same rows.
+    import mlflow
+    import pandas as pd
+
+    expected = mlflow.pyfunc.load_model("models:/e2e-serve@champion").predict(
+        pd.DataFrame({"prompt": SENTENCES}), params={"max_new_tokens": 8})
+    assert rows == expected.to_dict(orient="records")

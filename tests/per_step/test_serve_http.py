@@ -43,12 +43,15 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path) -> None:
     raise AssertionError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
 
 
-def test_served_model_answers_a_batch(tracking, tiny_model_dir, tmp_path):
-    ckpt = log_checkpoint(snapshot(str(tiny_model_dir)), make_adapter(tiny_model_dir, tmp_path / "a"))
+def test_served_model_answers_a_batch(tracking, sharp_model_dir, tmp_path):
+    # The sharp tiny model: its answers differ from sentence to sentence, so equal rows also prove
+    # the server keeps each answer on its own row (the plain tiny model answers alike to all).
+    ckpt = log_checkpoint(snapshot(str(sharp_model_dir)), make_adapter(sharp_model_dir, tmp_path / "a"))
     uri = lr.run(lr.Args(checkpoint_uri=ckpt)).model_uri
     batch = SENTENCES[:3]
     expected = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": batch}),
                                                      params={"max_new_tokens": 6})
+    assert expected["mr"].nunique() == len(batch)
 
     port = free_port()
     log_path = tmp_path / "serve.log"
@@ -78,3 +81,5 @@ def test_served_model_answers_a_batch(tracking, tiny_model_dir, tmp_path):
     # The HTTP answers are the in-process ones, row for row (greedy decoding is deterministic).
     assert [r["mr"] for r in rows] == expected["mr"].tolist()
     assert [r["valid"] for r in rows] == expected["valid"].tolist()
+    # ... and in full: every column, the same values, the same order.
+    assert rows == expected.to_dict(orient="records")

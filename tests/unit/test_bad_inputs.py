@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_E2E
+from conftest import sample_rows
 
 RUN0 = "0" * 32
 
@@ -212,13 +212,11 @@ def files(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     out["broken_gguf"] = str(gguf)
     import csv
 
-    with open(SHARED_E2E / "devset-cleaned.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:40]
     train = root / "train.csv"
     with open(train, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["mr", "ref"])
-        w.writerows([r["mr"], r["ref"]] for r in rows)
+        w.writerows(sample_rows(0, 40))
     out["train"] = str(train)
     latin1 = root / "latin1.csv"
     latin1.write_bytes("mr,ref\nname[Caf\u00e9 Rouge],Caf\u00e9 Rouge is a pub.\n".encode("latin-1"))

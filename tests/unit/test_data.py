@@ -13,7 +13,7 @@ from lora_pipeline.errors import InputError
 from lora_pipeline.task import data
 from lora_pipeline.task.e2e import SLOTS, normalise_mr, parse_mr
 
-from conftest import ROOT, SHARED_E2E
+from conftest import ROOT, e2e_corpus_file
 
 SAMPLE = ROOT / "data" / "sample.csv"
 GOOD = [("name[The Red Fox], eatType[pub], area[riverside]", "The Red Fox is a pub by the river."),
@@ -54,7 +54,7 @@ def test_sample_is_balanced_and_covers_every_slot():
 
 
 def test_sample_shares_no_sentence_with_the_e2e_corpus():
-    e2e = {row["ref"] for row in csv.DictReader(open(SHARED_E2E / "devset.csv", encoding="utf-8"))}
+    e2e = {row["ref"] for row in csv.DictReader(open(e2e_corpus_file("devset.csv"), encoding="utf-8"))}
     assert len(e2e) > 4000
     ours = set(data.load_examples(str(SAMPLE))["ref"])
     assert not ours & e2e
@@ -157,7 +157,7 @@ def test_unreachable_hub_is_one_clear_line():
 
 
 def test_shared_cleaned_devset_needs_skip_for_its_repeated_slots():
-    path = SHARED_E2E / "devset-cleaned.csv"
+    path = e2e_corpus_file("devset-cleaned.csv")
     with pytest.raises(InputError, match=r"rows are malformed \(\d+ repeated slot; first at lines 116,"):
         data.load_examples(str(path))
     ds, report = data.load_examples_report(str(path), skip_malformed=True)
