@@ -39,7 +39,10 @@ def git_commit() -> str:
 def machine() -> dict:
     """What the figures were measured on: CPU model and flags that change speed, cores, memory, GPU."""
     info: dict = {"platform": platform.platform(), "python": platform.python_version(),
-                  "cores": os.cpu_count()}
+                  "cores": os.cpu_count(),
+                  # Other work on the machine when the result was written (1-minute load average): a
+                  # load above the core count means the figures were measured while others ran.
+                  "load_avg_1m": round(os.getloadavg()[0], 2)}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")

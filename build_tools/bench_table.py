@@ -29,7 +29,8 @@ def render(results: Path = RESULTS) -> str:
         data = json.loads(path.read_text())
         m = data.get("machine", {})
         where = (f"`{data['commit'][:10]}`, {data['measured_at']}, {m.get('cores', '?')} cores"
-                 + (f", {m['gpu']}" if m.get("gpu") else ", no GPU"))
+                 + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
+                 + (f", load {m['load_avg_1m']}" if "load_avg_1m" in m else ""))
         for row in data["rows"]:
             lines.append("| " + " | ".join(_cell(x) for x in (
                 row["figure"], row["goal"], row["measured"], f"`{data['command']}`", where)) + " |")

@@ -1,6 +1,5 @@
-"""LoRA fine-tuning pipeline steps for MLflow Projects.
+"""The pipeline's entry points for MLflow Projects, one module per `MLproject` entry point, and nothing else.
 
-One module per `MLproject` entry point; each is a thin CLI (`main(argv)`) over a typed
-`run(args: Args) -> Result`. Shared pieces: `cli` (arguments and errors), `artifacts` (artifact
-names and URIs), `e2e` (the task's data format and prompt), `serving` (the reference-only model).
+Each is a thin CLI (`main(argv)`) over a typed `run(args: Args) -> Result`; the work lives in the core
+package `lora_pipeline/`. No step imports another (tests/unit/test_layout.py).
 """
