@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 import torch
 from test_evaluate import fake_finetune
-from test_serving import make_adapter, sharp_model_dir, snapshot  # noqa: F401 (sharp_model_dir: fixture)
+from test_serving import make_adapter, snapshot
 
 from steps import evaluate_checkpoint as ev
 from steps import log_reference as lr
@@ -40,7 +40,7 @@ def _digest(predictions: list[str]) -> str:
     return hashlib.sha256(json.dumps(predictions).encode()).hexdigest()[:16]
 
 
-def test_evaluation_of_a_fixed_adapter_on_a_fixed_set_gives_the_pinned_numbers(tracking, sharp_model_dir,  # noqa: F811
+def test_evaluation_of_a_fixed_adapter_on_a_fixed_set_gives_the_pinned_numbers(tracking, sharp_model_dir,
                                                                               tmp_path):
     rows = pd.read_csv(ROOT / "data" / "sample.csv").iloc[:N_ROWS][["mr", "ref"]].values.tolist()
     torch.manual_seed(1)  # LoRA A is drawn from the global generator; make_adapter seeds only B
