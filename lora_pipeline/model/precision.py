@@ -5,42 +5,46 @@ accumulate in fp32, the residual stream and norms stay fp32. Training and genera
 autocast, so a model is evaluated with the numerics it was trained with (generation runs it on a copy
 whose Linear weights are already bf16, which autocast would cast them to anyway:
 `serving.bf16_linear_copy`).
+
+What `auto` picks is decided in one place, `lora_pipeline.model.device.auto_precision` (the hardware
+facts, CPU bf16 flags included, come from `device.detect`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-from pathlib import Path
+
+from lora_pipeline.model import device as device_mod
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto` -> bf16 where bf16 matmuls are native, else fp32. On this project's 2-core CPU
-    (avx512_bf16, amx_bf16) a SmolLM2-135M training step (batch 8 x 130 tokens) takes 2.7-3.1 s in
-    bf16 autocast against 4.7-4.9 s in fp32, and generating 32 answers (batch 32, 64 new tokens)
-    11.5 s against 16.3 s (both measured side by side in one process)."""
+def resolve_precision(precision: str, device: str | None = None, *,
+                      hw: device_mod.Hardware | None = None) -> str:
+    """`auto` -> what `device.auto_precision` picks for the device; an explicit name is kept.
+
+    `device` (auto | cpu | cuda) is the device the model runs on. Without it (today's callers) the
+    model runs where torch puts it, CUDA when present, and the answer is bf16 or fp32 only: fp16
+    needs loss scaling, which those callers do not set up, so a GPU without native bf16 gets fp32
+    there. With a device, fp16 is chosen on GPUs where only fp16 is fast."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not supported; use one of: {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, and fp32 is never slow by surprise
-        return "fp32"
-    return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "fp32"
+    hw = hw or device_mod.detect()
+    if device is None:
+        choice = device_mod.auto_precision("cuda" if hw.cuda else "cpu", hw)
+        return "fp32" if choice == "fp16" else choice
+    return device_mod.auto_precision(device_mod.resolve_device(device, hw=hw), hw)
 
 
-def autocast(model, precision: str):
-    """A context running `model`'s forward passes in `precision` (resolved); fp32 is a no-op."""
-    if resolve_precision(precision) != "bf16":
+def autocast(model, precision: str, device: str | None = None):
+    """A context running `model`'s forward passes in `precision` (resolved for `device`, as
+    `resolve_precision`); fp32 is a no-op."""
+    resolved = resolve_precision(precision, device)
+    if resolved == "fp32":
         return contextlib.nullcontext()
     import torch
 
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if resolved == "bf16" else torch.float16
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=dtype)
