@@ -323,14 +323,20 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
             self._bf16_model = bf16_linear_copy(self.model)
         return self._bf16_model
 
+    _batcher = None  # cross-request batching (made by load_context when the config turns it on)
+
     def load_context(self, context) -> None:
         from lora_pipeline.model import param_guard
+        from lora_pipeline.model.batching import Batcher
 
         self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
         self.config = requests.ServingConfig.from_model_config(getattr(context, "model_config", None))
         param_guard.install()
         self._load_weights(context.artifacts)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self._batcher = (Batcher(self._run_batch, max_rows=self.config.batch_max_rows,
+                                 max_wait_s=self.config.batch_max_wait_ms / 1000)
+                         if self.config.batching else None)
 
     def _load_weights(self, arts: dict[str, str]) -> None:
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
@@ -381,10 +387,18 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
                             columns=list(OUTPUT_COLUMNS))
 
     def _generate(self, sentences: list[str], encoded: list[list[int]], gen: requests.Generation) -> list[str]:
-        return generate(self.generation_model(gen.precision), self.tokenizer, sentences,
+        """The answers to one request's good prompts: generated with the rows of concurrent requests
+        of the same settings when batching is on, else alone."""
+        items = list(zip(sentences, encoded, strict=True))
+        if self._batcher is None:
+            return self._run_batch(gen, items)
+        return self._batcher.submit(gen, items)
+
+    def _run_batch(self, gen: requests.Generation, items: list[tuple[str, list[int]]]) -> list[str]:
+        return generate(self.generation_model(gen.precision), self.tokenizer, [s for s, _ in items],
                         max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                         do_sample=gen.do_sample, batch_size=gen.batch_size, precision=gen.precision,
-                        encoded=encoded)
+                        encoded=[e for _, e in items])
 
 
 OUTPUT_COLUMNS = ("mr", "attributes", "valid", "error")

@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pandas as pd
@@ -139,5 +140,11 @@ def test_served_model_refuses_bad_requests_with_400_and_keeps_serving(tracking, 
         assert [r["valid"] for r in rows][:3] == [False] * 3 and [r["mr"] for r in rows][:3] == [""] * 3
         assert rows[3]["mr"] == expected["mr"].iloc[0]
         status, body = _post_any(url + "/invocations", good)
+        # Concurrent clients (their rows generated together by the cross-request batcher) get the
+        # answers a lone client gets.
+        with ThreadPoolExecutor(4) as pool:
+            concurrent = list(pool.map(lambda _: _post_any(url + "/invocations", good), range(4)))
     assert status == 200, body
     assert [r["mr"] for r in body["predictions"]] == expected["mr"].tolist()
+    assert [(s, [r["mr"] for r in b["predictions"]]) for s, b in concurrent] == [
+        (200, expected["mr"].tolist())] * 4
