@@ -85,7 +85,7 @@ def valid_answer(body: bytes, n: int) -> str | None:
     if len(rows) != n:
         return f"{len(rows)} predictions for {n} sentences"
     for r in rows:
-        if not isinstance(r, dict) or set(r) != {"mr", "attributes", "valid"}:
+        if not isinstance(r, dict) or set(r) != {"mr", "attributes", "valid", "error"}:
             return f"malformed prediction {str(r)[:80]}"
     return None
 

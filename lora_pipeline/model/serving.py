@@ -15,9 +15,12 @@ and applies the adapter.
 Serving: input column `prompt` (sentences); params `temperature`, `max_new_tokens`, `do_sample`,
 `batch_size`, `precision` (auto | bf16 | fp32: the compute precision of generation); output columns
 `mr` (normalised MR, or the raw text if unparsable), `attributes` (JSON object slot -> value),
-`valid` (whether the output parsed). Generation is batched with left padding, so results do not
-depend on the batch size. The model loads on the device `E2E_LORA_DEVICE` names (lora_pipeline/model/device.py;
-default cpu).
+`valid` (whether the output parsed), `error` (why a row was not answered: bad prompt; null
+otherwise). Params and prompts are checked first (lora_pipeline/model/requests.py): a bad param
+refuses the request (HTTP 400 when served), a bad prompt only its row. Generation is batched with
+left padding, so results do not depend on the batch size; concurrent requests share batches
+(lora_pipeline/model/batching.py). The model loads on the device
+`E2E_LORA_DEVICE` names (lora_pipeline/model/device.py; default cpu).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from lora_pipeline import artifacts as names
 from lora_pipeline.base.cache import cache_dir, publish_dir, temp_dir_beside
 from lora_pipeline.base.manifest import Manifest, describe_dir, sha256_file, verify_dir
 from lora_pipeline.errors import StepError, one_line
+from lora_pipeline.model import requests
+from lora_pipeline.model.requests import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PRECISION
 from lora_pipeline.paths import PACKAGE_DIR
 
 log = logging.getLogger(__name__)
@@ -45,12 +50,6 @@ log = logging.getLogger(__name__)
 # inference imports torchvision, which has no CPU build here, and crashes).
 _REQUIREMENT_PACKAGES = ("mlflow", "torch", "transformers", "peft", "huggingface_hub", "safetensors",
                          "accelerate", "pandas")
-DEFAULT_MAX_NEW_TOKENS = 64
-# 32: on the default base, 32 sentences take 6.4 s at batch 32 against 7.4 s at batch 16 (bf16);
-# the KV cache of a batch of 32 x 140 tokens is at most 32 x 140 x 30 layers x 2 (K, V) x 192 x 4 B
-# = 206 MB (fp32; half in bf16).
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_PRECISION = "auto"
 
 
 def pip_requirements() -> list[str]:
@@ -180,11 +179,37 @@ def bf16_linear_copy(model):
     return fast.eval()
 
 
+def encode_prompts(tokenizer, sentences: list[str]) -> list[list[int]]:
+    """Token ids of each sentence's prompt (the shared chat-template prompt), unpadded."""
+    from lora_pipeline.task.e2e import format_prompt
+
+    prompts = [format_prompt(tokenizer, s) for s in sentences]
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+
+
+def left_padded(rows: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of `rows`, left-padded to the longest: a decoder-only model
+    continues from the last position of each row."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = 0.0, do_sample: bool = False,
-             batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION) -> list[str]:
+             batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION,
+             encoded: list[list[int]] | None = None) -> list[str]:
     """Batched generation with left padding; returns the decoded answers in input order.
 
+    `encoded`: the sentences' prompt token ids when the caller has them already (`predict` checks
+    prompt lengths first), else they are made here with `encode_prompts`.
     `precision` (lora_pipeline/model/precision.py): `auto` generates under bf16 autocast where bf16 matmuls are
     native, as `finetune` trains by default; the weights stay fp32, so logits in fp32 are unchanged.
     """
@@ -192,52 +217,51 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
     from transformers import GenerationConfig
 
     from lora_pipeline.model.precision import autocast
-    from lora_pipeline.task.e2e import format_prompt
 
-    prompts = [format_prompt(tokenizer, s) for s in sentences]
-    # Sorting by length keeps padding (wasted compute) small; the order is restored at the end.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if encoded is None:
+        encoded = encode_prompts(tokenizer, sentences)
+    # Length buckets: sorted by prompt length, each batch pads to nearly its own length (padding is
+    # wasted compute); the order is restored at the end.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                            temperature=temperature if do_sample else None,
                            top_p=None, top_k=None,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    out: list[str] = [""] * len(prompts)
+    out: list[str] = [""] * len(encoded)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
+        ids, mask = left_padded([encoded[i] for i in idx], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         with torch.inference_mode(), autocast(model, precision):
-            gen = model.generate(**enc, generation_config=cfg)
-        texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
         for i, t in zip(idx, texts, strict=True):
             out[i] = t.strip()
     return out
 
 
-def _sentences(model_input: Any) -> list[str]:
+def _prompt_values(model_input: Any) -> list[Any]:
+    """The prompt cells of a request, as sent (checked per row by `requests.prompt_problem`)."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
         if "prompt" not in model_input.columns:
-            raise StepError(f"input has columns {list(model_input.columns)}; send a column 'prompt' "
-                            "with one sentence per row")
-        return [str(x) for x in model_input["prompt"].tolist()]
+            raise requests.BadRequest(f"input has columns {list(model_input.columns)}; send a column "
+                                      "'prompt' with one sentence per row")
+        return model_input["prompt"].tolist()
     if isinstance(model_input, dict):
         v = model_input.get("prompt")
-        return [str(x) for x in (v if isinstance(v, list) else [v])]
+        return list(v) if isinstance(v, (list, tuple)) else [v]
     if isinstance(model_input, str):
         return [model_input]
-    return [str(x) for x in model_input]
+    return list(model_input)
 
 
 def _precision(value: Any) -> str:
-    from lora_pipeline.model.precision import PRECISIONS
-
-    value = str(value)
-    if value not in PRECISIONS:
-        raise StepError(f"param precision={value!r} is not supported; use one of: {', '.join(PRECISIONS)}")
-    return value
+    if problem := requests.precision_problem(value):
+        raise requests.BadRequest(problem)
+    return str(value)
 
 
 # --- digests of the model's own weight files ---------------------------------------------------
@@ -288,6 +312,8 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
     _bf16_model = None  # made on the first bf16 generation (bf16_linear_copy)
+    config = requests.ServingConfig()  # the model config (set by load_context)
+    context_length: int | None = None  # the model's, in tokens (prompt + answer); None: unknown
 
     def generation_model(self, precision: str = DEFAULT_PRECISION):
         """The module `generate` runs for `precision`: the fp32 model, or its bf16-weight copy."""
@@ -299,7 +325,11 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
             self._bf16_model = bf16_linear_copy(self.model)
         return self._bf16_model
 
+    _batcher = None  # cross-request batching (made by load_context when the config turns it on)
+
     def load_context(self, context) -> None:
+        from lora_pipeline.model import param_guard
+        from lora_pipeline.model.batching import Batcher
         from lora_pipeline.model.device import serving_device
 
         self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
@@ -307,7 +337,15 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
             device = serving_device()  # before the weights load: a bad setting fails in a second
         except ValueError as err:
             raise StepError(str(err)) from None
-        arts = context.artifacts
+        self.config = requests.ServingConfig.from_model_config(getattr(context, "model_config", None))
+        param_guard.install()
+        self._load_weights(context.artifacts, device)
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self._batcher = (Batcher(self._run_batch, max_rows=self.config.batch_max_rows,
+                                 max_wait_s=self.config.batch_max_wait_ms / 1000)
+                         if self.config.batching else None)
+
+    def _load_weights(self, arts: dict[str, str], device: str = "cpu") -> None:
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
         self.manifest = manifest
         verify_artifacts(arts)
@@ -327,27 +365,54 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         self.model = model.eval().to(device)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """One row per prompt: the answer, or (bad prompt) `valid=false` and the `error`, never an
+        answer made up for it. A bad param refuses the whole request (`requests.BadRequest`)."""
         import pandas as pd
 
         from lora_pipeline.task.e2e import format_mr, parse_mr
 
-        params = params or {}
-        precision = _precision(params.get("precision", DEFAULT_PRECISION))
-        texts = generate(
-            self.generation_model(precision), self.tokenizer, _sentences(model_input),
-            max_new_tokens=int(params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-            temperature=float(params.get("temperature", 0.0)),
-            do_sample=bool(params.get("do_sample", False)),
-            batch_size=int(params.get("batch_size", DEFAULT_BATCH_SIZE)),
-            precision=precision,
-        )
-        rows = []
-        for t in texts:
-            parsed = parse_mr(t)
-            rows.append({"mr": format_mr(parsed) if parsed is not None else t,
-                         "attributes": json.dumps(parsed or {}, ensure_ascii=False),
-                         "valid": parsed is not None})
-        return pd.DataFrame(rows, columns=["mr", "attributes", "valid"])
+        gen = requests.check_params(params, self.config)
+        values = _prompt_values(model_input)
+        errors = [requests.prompt_problem(v) for v in values]
+        todo = [i for i, e in enumerate(errors) if e is None]
+        encoded = dict(zip(todo, encode_prompts(self.tokenizer, [values[i] for i in todo]), strict=True))
+        limit, source = requests.prompt_limit(self.config, self.context_length, gen.max_new_tokens)
+        for i in todo:
+            errors[i] = requests.length_problem(len(encoded[i]), limit, source)
+        todo = [i for i in todo if errors[i] is None]
+        texts = dict(zip(todo, self._generate([values[i] for i in todo], [encoded[i] for i in todo], gen),
+                         strict=True)) if todo else {}
+        cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
+        for i, error in enumerate(errors):
+            parsed = parse_mr(texts[i]) if error is None else None
+            cols["mr"].append("" if error else format_mr(parsed) if parsed is not None else texts[i])
+            cols["attributes"].append(json.dumps(parsed or {}, ensure_ascii=False))
+            cols["valid"].append(parsed is not None)
+            cols["error"].append(error)
+        # `error` as objects: None stays None (JSON null); a string column would hold NaN.
+        return pd.DataFrame({**cols, "error": pd.Series(cols["error"], dtype=object)},
+                            columns=list(OUTPUT_COLUMNS))
+
+    def _generate(self, sentences: list[str], encoded: list[list[int]], gen: requests.Generation) -> list[str]:
+        """The answers to one request's good prompts: generated with the rows of concurrent requests
+        of the same settings when batching is on, else alone."""
+        items = list(zip(sentences, encoded, strict=True))
+        if self._batcher is None:
+            return self._run_batch(gen, items)
+        return self._batcher.submit(gen, items)
+
+    def _run_batch(self, gen: requests.Generation, items: list[tuple[str, list[int]]]) -> list[str]:
+        return generate(self.generation_model(gen.precision), self.tokenizer, [s for s, _ in items],
+                        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                        do_sample=gen.do_sample, batch_size=gen.batch_size, precision=gen.precision,
+                        encoded=[e for _, e in items])
+
+
+OUTPUT_COLUMNS = ("mr", "attributes", "valid", "error")
+
+
+_PARAM_TYPES = {"temperature": "double", "max_new_tokens": "long", "do_sample": "boolean",
+                "batch_size": "long", "precision": "string"}
 
 
 def signature():
@@ -357,14 +422,9 @@ def signature():
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "mr"), ColSpec("string", "attributes"),
-                        ColSpec("boolean", "valid")]),
-        params=ParamSchema([
-            ParamSpec("temperature", "double", 0.0),
-            ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS),
-            ParamSpec("do_sample", "boolean", False),
-            ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE),
-            ParamSpec("precision", "string", DEFAULT_PRECISION),
-        ]),
+                        ColSpec("boolean", "valid"), ColSpec("string", "error", required=False)]),
+        params=ParamSchema([ParamSpec(name, _PARAM_TYPES[name], default)
+                            for name, default in requests.PARAM_DEFAULTS.items()]),
     )
 
 
@@ -419,6 +479,9 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             input_example=(pd.DataFrame({"prompt": [INPUT_EXAMPLE_SENTENCE]})
                            if with_input_example else None),
             pip_requirements=pip_requirements(),
+            # Logged with every key at its default: MLflow lets a load-time config override only
+            # the keys the logged one has.
+            model_config=requests.ServingConfig().as_model_config(),
             metadata={"base_reference": manifest.reference(), "base_source": manifest.source,
                       "base_manifest_digest": manifest.digest()},
             step=step,

@@ -182,7 +182,7 @@ def test_training_updates_lora_only_and_every_checkpoint_reloads_with_equal_logi
                 "rng_state.pth", "base_reference.json"} <= files, inner_dir
         assert "model.safetensors" not in files
         out = loaded.predict({"prompt": [PROBE_SENTENCE]}, params={"max_new_tokens": 4})
-        assert list(out.columns) == ["mr", "attributes", "valid"] and len(out) == 1
+        assert list(out.columns) == ["mr", "attributes", "valid", "error"] and len(out) == 1
         # Eval loss of that step is linked to the checkpoint model.
         assert any(m.key == "eval_loss" and m.step == step for m in logged.metrics or [])
 

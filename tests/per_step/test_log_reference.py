@@ -71,7 +71,7 @@ def test_reference_model_refers_to_base_and_serves(tracking, checkpoint, tiny_mo
     example = mlflow.models.Model.load(local).load_input_example(local)
     assert list(example["prompt"]) == [serving.INPUT_EXAMPLE_SENTENCE]
     out = mlflow.pyfunc.load_model(res.model_uri).predict(example, params={"max_new_tokens": 4})
-    assert list(out.columns) == ["mr", "attributes", "valid"] and len(out) == 1
+    assert list(out.columns) == ["mr", "attributes", "valid", "error"] and len(out) == 1
 
 
 def test_default_checkpoint_is_the_latest_finetune_best(tracking, tiny_model_dir, adapter):

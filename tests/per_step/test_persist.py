@@ -405,7 +405,7 @@ def test_mlflow_models_serve_answers_a_batch(tracking, tiny_model_dir, snap, tmp
         log_file.close()
     rows = answer["predictions"]
     assert len(rows) == len(SENTENCES)
-    assert all(set(r) == {"mr", "attributes", "valid"} for r in rows)
+    assert all(set(r) == {"mr", "attributes", "valid", "error"} for r in rows)
     assert all(isinstance(r["valid"], bool) and isinstance(json.loads(r["attributes"]), dict) for r in rows)
     # The served answers are the registered model's own, predicted in this process on the same rows.
     import mlflow

@@ -298,7 +298,8 @@ def test_predictions_do_not_depend_on_batch_size(tracking, sharp_model_dir, tmp_
     outs = {bs: model.predict(df, params={"batch_size": bs, "max_new_tokens": 12, "precision": "fp32"})
             for bs in (1, 3, 8)}
     # batch_size 1 is each sentence alone: no padding at all.
-    assert list(outs[1].columns) == ["mr", "attributes", "valid"] and len(outs[1]) == len(SENTENCES)
+    assert list(outs[1].columns) == ["mr", "attributes", "valid", "error"] and len(outs[1]) == len(SENTENCES)
+    assert outs[1]["error"].isna().all()  # every prompt was answered
     # Distinct outputs per sentence, so order and padding mistakes show (right padding changes 7 of 8).
     assert outs[1]["mr"].nunique() == len(SENTENCES)
     for bs in (3, 8):

@@ -1,0 +1,134 @@
+"""Cross-request batching for the served model (MLflow feature request #8007).
+
+`mlflow models serve` runs each request's `predict` in a thread of its own (the scoring server's
+`asyncio.to_thread`), so concurrent requests call `predict` at the same time. Generating each alone
+runs several small batches back to back (or side by side, fighting over the same cores); a decoder
+step costs nearly the same for 1 row as for 16 on a CPU, so gathering the rows of concurrent requests
+into one generate batch answers them all in about the time of one.
+
+`Batcher.submit(key, items)` blocks its caller until its items are answered. One worker thread
+takes submitted jobs in arrival order and runs `run_batch(key, items)` over the items of several
+jobs with the same key (the same generation settings) at once:
+  * a batch closes when it holds `max_rows` items, or when its oldest job has waited `max_wait_s`
+    (jobs that arrived while the previous batch was generating have waited already, so they go
+    at once: under load the window costs nothing, and alone a request waits at most `max_wait_s`);
+  * a job is never split: one larger than `max_rows` runs alone;
+  * jobs with another key wait for the next batch, in arrival order;
+  * an exception in `run_batch` is raised in every caller of that batch; the worker goes on.
+The worker exits after `idle_exit_s` without work and is started again by the next submit, so an
+idle or discarded model holds no thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    key: Hashable
+    items: Sequence[Any]
+    submitted: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[Any] | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    def __init__(self, run_batch: Callable[[Hashable, list[Any]], list[Any]], *, max_rows: int,
+                 max_wait_s: float, idle_exit_s: float = 30.0):
+        if max_rows < 1 or max_wait_s < 0:
+            raise ValueError(f"max_rows={max_rows} must be >= 1 and max_wait_s={max_wait_s} >= 0")
+        self._run_batch = run_batch
+        self.max_rows, self.max_wait_s, self.idle_exit_s = max_rows, max_wait_s, idle_exit_s
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.batches = 0  # generate batches run (for tests and logs)
+
+    def submit(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
+        """`run_batch(key, ...)`'s answers for `items`, in order; blocks until they are ready."""
+        if not items:
+            return []
+        job = _Job(key, items)
+        with self._lock:  # a worker deciding to exit holds the lock too: no job is left behind
+            self._queue.put(job)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="e2e-batcher", daemon=True)
+                self._worker.start()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    # --- the worker ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        pending: list[_Job] = []  # taken from the queue, not run yet (arrival order)
+        while True:
+            if not pending:
+                try:
+                    pending.append(self._queue.get(timeout=self.idle_exit_s))
+                except queue.Empty:
+                    with self._lock:
+                        if self._queue.empty():
+                            self._worker = None
+                            return
+                    continue
+            self._gather(pending)
+            batch = self._take(pending)
+            self._run(batch)
+
+    def _gather(self, pending: list[_Job]) -> None:
+        """Add arriving jobs to `pending` until the oldest one's batch is full or its wait is over."""
+        key = pending[0].key
+        deadline = pending[0].submitted + self.max_wait_s
+        rows = sum(len(j.items) for j in pending if j.key == key)
+        while rows < self.max_rows:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            pending.append(job)
+            if job.key == key:
+                rows += len(job.items)
+
+    def _take(self, pending: list[_Job]) -> list[_Job]:
+        """The oldest job plus the next ones of its key that fit in `max_rows`; removed from `pending`."""
+        key, batch, rows, rest = pending[0].key, [], 0, []
+        for job in pending:
+            if job.key == key and (not batch or rows + len(job.items) <= self.max_rows):
+                batch.append(job)
+                rows += len(job.items)
+            else:
+                rest.append(job)
+        pending[:] = rest
+        return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        items = [item for job in batch for item in job.items]
+        try:
+            answers = self._run_batch(batch[0].key, items)
+            if len(answers) != len(items):
+                raise RuntimeError(f"run_batch answered {len(answers)} items for {len(items)}")
+        except Exception as err:  # the callers get it; the worker keeps serving the others
+            for job in batch:
+                job.error = err
+                job.done.set()
+            return
+        finally:
+            self.batches += 1
+        log.debug("batch of %d rows from %d requests", len(items), len(batch))
+        start = 0
+        for job in batch:
+            job.result = list(answers[start:start + len(job.items)])
+            start += len(job.items)
+            job.done.set()
