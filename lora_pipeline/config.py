@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,7 +51,11 @@ CONFIG_PARAM = param("", cli.CONFIG_HELP)
 
 
 def _entry_point(args_cls: type) -> str:
-    return args_cls.__module__.rsplit(".", 1)[-1]
+    module = args_cls.__module__
+    if module == "__main__":  # `python -m steps.finetune`: the entry point's name, not __main__
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module.rsplit(".", 1)[-1]
 
 
 def resolve_path(path: str, *, field: str = CONFIG_FIELD) -> Path:

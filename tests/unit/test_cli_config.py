@@ -136,3 +136,22 @@ def test_each_config_names_only_its_entry_points_parameters(path):
     entry = next(e for e in ENTRIES if path.stem.startswith(e + "_"))
     args_cls = importlib.import_module(f"steps.{entry}").Args
     config.load_config(str(path.relative_to(ROOT)), args_cls)  # InputError naming each unknown key
+
+
+def test_main_reads_its_own_parameters_from_the_file(tmp_path):
+    from steps import main
+
+    path = _write(tmp_path, "max_steps: 5\nmax_examples: 9\n")
+    cli = vars(build_parser(main.Args, "main").parse_args(["--config", path, "--max_examples", "11"]))
+    args = args_from_cli(main.Args, cli)
+    assert (args.max_steps, args.max_examples) == (5, 11)
+    assert not hasattr(args, "config")  # the steps get the merged values, never the file
+
+
+def test_a_step_run_as_a_module_names_itself(tmp_path):
+    path = _write(tmp_path, "revison: v1\n")
+    out = subprocess.run([sys.executable, "-m", "steps.download_snapshot", "--config", path],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"error: revison='v1': is not a parameter of download_snapshot (in {path}); fix: did you mean revision?"]
