@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lora_pipeline.cli import fields_of
+from lora_pipeline.cli import entry_point_fields
 
 # Entry points in pipeline order; `main` chains the first five; `batch_score` uses what they registered.
 ENTRY_POINTS = ("download_snapshot", "finetune", "log_reference", "evaluate_checkpoint",
@@ -39,7 +39,7 @@ def render() -> str:
     ]
     for ep in ENTRY_POINTS:
         module = importlib.import_module(f"steps.{ep}")
-        fields = fields_of(module.Args)
+        fields = entry_point_fields(module.Args)
         out.append(f"  {ep}:")
         out.append("    parameters:")
         for f, typ in fields:

@@ -2,7 +2,8 @@
 
 Every parameter is declared once, as a field of a step's `Args` dataclass (type, default, help).
 The argparse parser, the `MLproject` entry point (see `build_tools.mlproject`) and `main`'s pass-through are
-all generated from those fields, so they cannot drift apart.
+all generated from those fields, so they cannot drift apart. Every entry point also takes `config`, a YAML
+file of its parameters (lora_pipeline/config.py), merged in `run_cli` before `run` sees the Args.
 """
 
 from __future__ import annotations
@@ -48,6 +49,48 @@ def fields_of(args_cls: type) -> list[tuple[dataclasses.Field, type]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(args_cls)]
 
 
+CONFIG_FIELD = "config"
+CONFIG_HELP = ("YAML file of this entry point's parameters (e.g. configs/finetune_json_messages.yaml); "
+               "command-line values that differ from the defaults win")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConfigParam:
+    # Every entry point takes `config`, added here rather than in each step's Args, so that `main`
+    # (whose Args are composed from the steps' ones) has it once and never hands it down to a step.
+    config: str = param("", CONFIG_HELP)
+
+
+def entry_point_fields(args_cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """The parameters of the entry point over `args_cls`: its fields, plus `config` (MLproject, argparse)."""
+    fields = fields_of(args_cls)
+    if CONFIG_FIELD not in {f.name for f, _ in fields}:
+        fields += fields_of(_ConfigParam)
+    return fields
+
+
+def args_from_cli(args_cls: type[A], cli_values: dict[str, Any]) -> A:
+    """The Args from parsed command-line values merged with the `config` file they name, if any.
+
+    InputError (every problem at once) for an unreadable file, unknown keys or values of the wrong type.
+    """
+    from lora_pipeline import config  # config imports this module
+
+    values = dict(cli_values)
+    own = {f.name for f in dataclasses.fields(args_cls)}
+    path = str(values.get(CONFIG_FIELD) or "").strip()
+    if CONFIG_FIELD not in own:
+        values.pop(CONFIG_FIELD, None)
+    config.active_path = path
+    if not path:
+        return args_cls(**values)
+    if CONFIG_FIELD in own:
+        return config.args_with_config(args_cls, values)
+    config_values = config.load_config(path, args_cls)
+    log.info("parameters from %s: %s", path, ", ".join(sorted(config_values)) or "none")
+    return config.merge(args_cls, config_values, values)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad value is one line (argparse prints the whole usage text first)."""
 
@@ -57,7 +100,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser(args_cls: type, description: str) -> argparse.ArgumentParser:
     parser = _OneLineParser(description=description, allow_abbrev=False)
-    for f, typ in fields_of(args_cls):
+    for f, typ in entry_point_fields(args_cls):
         conv = parse_bool if typ is bool else typ
         parser.add_argument(
             f"--{f.name}",
@@ -107,12 +150,12 @@ def run_cli(
     if unknown:
         # `mlflow run -P typo=1` appends `--typo 1`: name it and list what the step takes, on one line.
         flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")] or unknown
-        known = ", ".join(f.name for f in dataclasses.fields(args_cls))
+        known = ", ".join(f.name for f, _ in entry_point_fields(args_cls))
         print(f"error: unknown parameter(s) {' '.join(flags)}; fix: use one of: {known}", file=sys.stderr)
         return 2
     setup_logging()
     try:
-        result = run(args_cls(**vars(ns)))
+        result = run(args_from_cli(args_cls, vars(ns)))
     except (InputError, StepError) as err:
         for line in err.lines():
             print(f"error: {line}", file=sys.stderr)

@@ -17,8 +17,11 @@ name (difflib), and every problem of the file is reported at once (InputError). 
 against the parameter's type; a list is accepted for a comma-separated text parameter
 (`target_modules: [q_proj, v_proj]`).
 
-Hooking it into every entry point is `args_with_config` in place of `args_cls(**vars(ns))` in
-lora_pipeline/cli.py:run_cli, plus a `config` field (CONFIG_PARAM) in each step's Args.
+Every entry point takes `config` without declaring it: lora_pipeline/cli.py adds it to the parser and
+to MLproject (`entry_point_fields`) and merges the file in `run_cli` (`args_from_cli`). `main` has it
+once; its file names `main`'s parameters, and the merged values reach the steps as ordinary parameters
+(never the file itself), so each step sees exactly what `main` resolved. An Args that declares its own
+`config` field (CONFIG_PARAM) keeps it, through `args_with_config`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lora_pipeline import cli
 from lora_pipeline.cli import fields_of, param, parse_bool
 from lora_pipeline.errors import InputError, Problem, Problems, one_line
 from lora_pipeline.paths import PROJECT_ROOT
@@ -38,13 +43,19 @@ log = logging.getLogger(__name__)
 
 A = TypeVar("A")
 
-CONFIG_FIELD = "config"
-CONFIG_PARAM = param("", "YAML file of this entry point's parameters (e.g. configs/finetune_json_messages"
-                         ".yaml); command-line values that differ from the defaults win")
+CONFIG_FIELD = cli.CONFIG_FIELD
+# The config file of this process's entry point, set by cli.run_cli: run params record it
+# (tracking/runs.py) even where the Args have no `config` field.
+active_path = ""
+CONFIG_PARAM = param("", cli.CONFIG_HELP)
 
 
 def _entry_point(args_cls: type) -> str:
-    return args_cls.__module__.rsplit(".", 1)[-1]
+    module = args_cls.__module__
+    if module == "__main__":  # `python -m steps.finetune`: the entry point's name, not __main__
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    return module.rsplit(".", 1)[-1]
 
 
 def resolve_path(path: str, *, field: str = CONFIG_FIELD) -> Path:

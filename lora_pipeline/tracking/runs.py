@@ -18,10 +18,23 @@ log = logging.getLogger(__name__)
 
 def args_as_params(args: object) -> dict[str, str]:
     """Parameters as MLflow stores them: strings, booleans lower-case like the CLI accepts them."""
+    from lora_pipeline import config
+
     out = {}
     for k, v in dataclasses.asdict(args).items():
         out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    if config.active_path:
+        out.setdefault(config.CONFIG_FIELD, config.active_path)
     return out
+
+
+def overridden_params(existing: dict[str, str], params: dict[str, str]) -> dict[str, str]:
+    """`config.<name>` for each value that differs from the one already logged.
+
+    `mlflow run` logs the command line (defaults included) before the step starts, and MLflow params
+    cannot change; the values a config file set are what the step used, so they go beside them.
+    """
+    return {f"config.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
 
 
 @contextlib.contextmanager
@@ -40,7 +53,10 @@ def step_run(entry_point: str, args: object, *, nested: bool = False) -> Iterato
         mlflow.set_tags(stale.process_tags())
         existing = client.get_run(run.info.run_id).data.params
         # `mlflow run` already logged the CLI parameters; log only what is not there yet.
-        mlflow.log_params({k: v for k, v in args_as_params(args).items() if k not in existing})
+        params = args_as_params(args)
+        mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+        if params.get("config"):
+            mlflow.log_params(overridden_params(existing, params))
         mlflow.set_tags({artifacts.STEP_TAG: entry_point,
                          artifacts.GIT_COMMIT_TAG: pipeline_git_commit()})
         log.info("%s: run %s (tracking %s)", entry_point, run.info.run_id, mlflow.get_tracking_uri())

@@ -11,7 +11,7 @@ import sys
 import yaml
 
 from build_tools import envfile, mlproject
-from lora_pipeline.cli import build_parser, fields_of
+from lora_pipeline.cli import args_from_cli, build_parser, fields_of
 
 from conftest import ROOT
 
@@ -28,7 +28,9 @@ def test_mlproject_parameters_equal_code_defaults():
     for ep, body in spec["entry_points"].items():
         args_cls = importlib.import_module(f"steps.{ep}").Args
         params = body["parameters"]
-        assert set(params) == {f.name for f in dataclasses.fields(args_cls)}, ep
+        # the step's Args plus `config`, which every entry point takes (lora_pipeline/cli.py)
+        assert set(params) == {f.name for f in dataclasses.fields(args_cls)} | {"config"}, ep
+        assert params["config"] == {"type": "string", "default": ""}, ep
         for f, typ in fields_of(args_cls):
             default = params[f.name]["default"]
             expected = str(f.default).lower() if typ is bool else f.default
@@ -48,7 +50,7 @@ def test_cli_parser_accepts_mlproject_defaults():
         for name, p in body["parameters"].items():
             argv += [f"--{name}", str(p["default"])]
         ns = build_parser(args_cls, ep).parse_args(argv)
-        assert args_cls(**vars(ns)) == args_cls(), ep
+        assert args_from_cli(args_cls, vars(ns)) == args_cls(), ep
 
 
 def test_conda_yaml_is_rendered_from_requirements():
