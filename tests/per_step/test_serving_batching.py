@@ -8,7 +8,7 @@ import threading
 import mlflow
 import pandas as pd
 import pytest
-from test_serving import SENTENCES, log_checkpoint, make_adapter, sharp_model_dir, snapshot  # noqa: F401
+from test_serving import SENTENCES, log_checkpoint, make_adapter, snapshot  # noqa: F401
 
 from lora_pipeline.model import serving
 
@@ -18,7 +18,7 @@ REQUESTS = [SENTENCES[i:i + 2] for i in range(0, 8, 2)]
 
 
 @pytest.fixture
-def model_uri(tracking, sharp_model_dir, tmp_path) -> str:  # noqa: F811
+def model_uri(tracking, sharp_model_dir, tmp_path) -> str:
     return log_checkpoint(snapshot(str(sharp_model_dir)), make_adapter(sharp_model_dir, tmp_path / "adapter"))
 
 
