@@ -16,7 +16,7 @@ Timed, `--repeats` times, sizes and operations in alternating order, every step 
   * persist_and_register of the reference model (the base copied into a new model, verified);
   * `cp -r` of the same files, then `sync`.
 The steps' wall time is the child's; `sync` after each is timed apart (+sync). Peak RSS is the
-child's own (`wait4`). What a timed run wrote is deleted after it (a persisted model is marked
+child's own (RUSAGE_CHILDREN of a small wrapper process). What a timed run wrote is deleted after it (a persisted model is marked
 discarded first, so the next repeat persists again instead of reusing it).
 
 The fixed costs (interpreter, imports, MLflow store) cancel in differences between the two sizes:
@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -153,24 +152,37 @@ def summarize(rows: list[dict], sizes: dict[str, int]) -> dict:
 
 
 # --- running things --------------------------------------------------------------------------------------
+# A child forked from this (large) process starts with its memory counted in its peak RSS (Linux
+# keeps the high-water mark across fork and exec), so each command runs under a small wrapper whose
+# own child is the command: its RUSAGE_CHILDREN peak is the command's own.
+_RSS_WRAPPER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": rc, "wall_s": wall, "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
+sys.exit(rc)
+"""
+
+
 def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, timeout_s: float, log_path: Path) -> dict:
-    """Run `cmd`, returning wall seconds, the child's own peak RSS (wait4) and its stdout."""
-    out_path = log_path.with_suffix(".out")
+    """Run `cmd`, returning its wall seconds, its own peak RSS and its stdout."""
+    out_path, usage_path = log_path.with_suffix(".out"), log_path.with_suffix(".usage.json")
     with open(out_path, "w") as out, open(log_path, "w") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
-        timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
-        timer.start()
+        proc = subprocess.Popen([sys.executable, "-c", _RSS_WRAPPER, str(usage_path), *cmd], env=env, cwd=cwd,
+                                stdout=out, stderr=err, start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... ran past {timeout_s:.0f}s: killed") from None
+    usage = json.loads(usage_path.read_text())
+    if usage["rc"] != 0:
         tail = log_path.read_text()[-2000:]
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode} after {wall:.1f}s:\n{tail}")
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,  # KiB on Linux
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... exited {usage['rc']} after {usage['wall_s']:.1f}s:\n{tail}")
+    return {"wall_s": usage["wall_s"], "peak_rss_bytes": usage["maxrss_kib"] * 1024,  # KiB on Linux
             "stdout": out_path.read_text()}
 
 
@@ -318,11 +330,15 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD, with `-dirty` when the tree has uncommitted changes (the figures are then not HEAD's)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def print_table(summary: dict, sizes: dict[str, int]) -> None:

@@ -81,9 +81,17 @@ def test_last_json_reads_the_result_after_other_output():
 
 
 def test_run_measured_reports_the_childs_own_peak_rss_and_its_failures(tmp_path):
-    got = bs.run_measured([sys.executable, "-c", "x = bytearray(80_000_000); print('{'); print('}')"],
-                          {}, tmp_path, 60, tmp_path / "child.log")
-    assert got["peak_rss_bytes"] > 80 * MB and got["wall_s"] > 0 and bs.last_json(got["stdout"]) == {}
+    ballast = bytearray(400 * MB)  # this process is large: a plain fork would count it for the child
+    small = bs.run_measured([sys.executable, "-c", "print('{'); print('}')"], {}, tmp_path, 60,
+                            tmp_path / "small.log")
+    big = bs.run_measured([sys.executable, "-c", "x = bytearray(200_000_000); print('{'); print('}')"],
+                          {}, tmp_path, 60, tmp_path / "big.log")
+    del ballast
+    assert small["peak_rss_bytes"] < 100 * MB < 200 * MB < big["peak_rss_bytes"] < 350 * MB
+    assert big["wall_s"] > 0 and bs.last_json(big["stdout"]) == {}
     with pytest.raises(RuntimeError, match=r"(?s)exited 3 after .*boom"):
         bs.run_measured([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"], {},
                         tmp_path, 60, tmp_path / "fail.log")
+    with pytest.raises(RuntimeError, match=r"ran past 1s: killed"):
+        bs.run_measured([sys.executable, "-c", "import time; time.sleep(30)"], {}, tmp_path, 1,
+                        tmp_path / "slow.log")
