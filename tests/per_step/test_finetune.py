@@ -253,7 +253,7 @@ _NO_BF16_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni avx512_b
 
 
 @pytest.mark.parametrize("cuda, cuda_bf16, cpuinfo, expected", [
-    (True, True, None, "bf16"),  # a bf16 GPU; the CPU does not matter
+    (True, True, "flags\t\t: fpu sse2\n", "bf16"),  # a bf16 GPU; the CPU does not matter
     (True, False, "flags\t\t: avx512_bf16\n", "fp32"),  # CUDA without bf16 decides, not the CPU
     (False, False, "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", "bf16"),
     (False, False, "flags\t\t: fpu amx_tile amx_bf16 amx_int8\n", "bf16"),
@@ -261,28 +261,31 @@ _NO_BF16_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni avx512_b
     (False, False, OSError("no /proc/cpuinfo"), "fp32"),  # not Linux: fp32
 ])
 def test_auto_precision_follows_the_hardware(monkeypatch, cuda, cuda_bf16, cpuinfo, expected):
-    """`auto` against mocked hardware facts: CUDA (and its bf16 support), else the CPU's bf16 flags."""
+    """`auto` against mocked hardware facts: CUDA (and its bf16 support), else the CPU's bf16 flags.
+
+    The facts are what `device.detect()` gathers; here they are built from the case's /proc/cpuinfo
+    text (or its read failing) through `device.cpu_flags`, the function detect() reads them with."""
     import pathlib
 
-    from lora_pipeline.model import precision
+    from lora_pipeline.model import device, precision
 
     real_read_text = pathlib.Path.read_text
 
     def read_text(self, *args, **kwargs):
         if str(self) != "/proc/cpuinfo":
             return real_read_text(self, *args, **kwargs)
-        if cpuinfo is None:
-            raise AssertionError("the CPU flags must not decide when CUDA is present")
         if isinstance(cpuinfo, Exception):
             raise cpuinfo
-        return cpuinfo
+        return cpuinfo or ""
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
     monkeypatch.setattr(pathlib.Path, "read_text", read_text)
-    assert precision.resolve_precision("auto") == expected
+    hw = device.Hardware(cuda=cuda, cuda_count=int(cuda), cuda_bf16=cuda_bf16,
+                         cuda_capability=(8, 0) if cuda_bf16 else (7, 5) if cuda else (0, 0),
+                         cpu_flags=device.cpu_flags())
+    assert precision.resolve_precision("auto", hw=hw) == expected
     # An explicit precision is taken as asked, whatever the hardware.
-    assert precision.resolve_precision("bf16") == "bf16" and precision.resolve_precision("fp32") == "fp32"
+    assert precision.resolve_precision("bf16", hw=hw) == "bf16"
+    assert precision.resolve_precision("fp32", hw=hw) == "fp32"
 
 
 def _model_dir(model_id: str):
