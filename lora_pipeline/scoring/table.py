@@ -159,8 +159,13 @@ def scored_frame(frame, column: str, udf, result_type, output_names: list[str], 
             .withColumn(pred, udf(text)))
     bad = marked.filter(_col(ERROR_COLUMN).isNotNull()).withColumn(pred, F.lit(None).cast(result_type))
     both = good.unionByName(bad)
+    # Models that check their own prompts (an `error` output column: a row the model refused) and
+    # rows refused here share one `error` column: this step's reason first, else the model's.
+    model_cols = [n for n in output_names if n != ERROR_COLUMN]
+    err = (F.coalesce(_col(ERROR_COLUMN), F.col(pred).getField(ERROR_COLUMN).cast("string"))
+           if ERROR_COLUMN in output_names else _col(ERROR_COLUMN))
     return both.select(*[_col(c) for c in frame.columns],
-                       *[F.col(pred).getField(n).alias(n) for n in output_names], _col(ERROR_COLUMN))
+                       *[F.col(pred).getField(n).alias(n) for n in model_cols], err.alias(ERROR_COLUMN))
 
 
 # --- the output: checks, atomic publishing ------------------------------------------------------
