@@ -16,7 +16,8 @@ Timed, `--repeats` times, sizes and operations in alternating order, every step 
   * persist_and_register of the reference model (the base copied into a new model, verified);
   * `cp -r` of the same files, then `sync`.
 The steps' wall time is the child's; `sync` after each is timed apart (+sync). Peak RSS is the
-child's own (RUSAGE_CHILDREN of a small wrapper process). What a timed run wrote is deleted after it (a persisted model is marked
+child's own (RUSAGE_CHILDREN of a small wrapper process; ~10 MB of it is the wrapper's interpreter,
+which every command shares). What a timed run wrote is deleted after it (a persisted model is marked
 discarded first, so the next repeat persists again instead of reusing it).
 
 The fixed costs (interpreter, imports, MLflow store) cancel in differences between the two sizes:

@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
     ap.add_argument("--step_timeout_s", type=float, default=900.0)
+    ap.add_argument("--allow_cpu", action="store_true",
+                    help="run without a GPU (to try the script's plumbing on a small setting; no MFU)")
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
@@ -126,10 +128,14 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) 
     return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
 
 
-def cuda_facts() -> dict:
-    """torch's view of the GPU; one line on stderr and SystemExit(2) when there is none."""
+def cuda_facts(allow_cpu: bool = False) -> dict:
+    """torch's view of the GPU; one line on stderr and SystemExit(2) when there is none (unless
+    `allow_cpu`)."""
     import torch
 
+    if not torch.cuda.is_available() and allow_cpu:
+        return {"name": "cpu (no CUDA; --allow_cpu)", "capability": "-", "memory_gb": 0, "count": 0,
+                "torch": torch.__version__, "cuda": torch.version.cuda}
     if not torch.cuda.is_available():
         why = ("this torch is a CPU-only build (torch.version.cuda is None): install a CUDA build of torch "
                "into the environment, or point PYTHON at one" if torch.version.cuda is None
@@ -191,13 +197,31 @@ class GpuMemory:
         return round(self.peak - self.before, 1) if self.available else None
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server this script started (its own session: uvicorn and its workers with it)."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # already gone
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.poll()
+
+
 class Check:
     def __init__(self, a: argparse.Namespace, work: Path, gpu: dict):
         self.a, self.work, self.gpu = a, work, gpu
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.n = 0
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        # The interpreter's bin/ first: `mlflow models serve` starts `uvicorn` from PATH.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT),
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
                     "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "E2E_LORA_LOG_LEVEL": "WARNING"}
         for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
@@ -264,12 +288,7 @@ class Check:
                     rows = json.loads(r.read())["predictions"]
                 request_s = time.perf_counter() - t
             finally:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                _stop_group(proc)
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         tokens = sum(len(ids) + 1 for ids in tok([r["mr"] for r in rows], add_special_tokens=False)["input_ids"])
         return {"ready_s": round(ready_s, 1), "request_s": round(request_s, 2), "sentences": len(rows),
@@ -306,9 +325,16 @@ class Check:
                                                                      ev["base"].get("tokens_per_s", 0.0)), 1)}
         self.save()
         if a.serve_batch:
-            out["serve"] = self.serve(ref["model_uri"], base_dir)
+            try:
+                out["serve"] = self.serve(ref["model_uri"], base_dir)
+            except (RuntimeError, OSError) as err:  # the other figures stand without it
+                out["serve"] = {"error": " ".join(str(err).split())[:300]}
             self.save()
         return out
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def print_summary(report: dict) -> None:
@@ -318,48 +344,65 @@ def print_summary(report: dict) -> None:
           f"{'eval MiB':>8s} {'serve tok/s':>11s} {'serve MiB':>9s}")
     for name, m in report["models"].items():
         ft, ev, sv = m.get("finetune", {}), m.get("evaluate", {}), m.get("serve", {})
-        mfu_s = f"{ft['mfu'] * 100:5.1f}%" if ft.get("mfu") is not None else "   n/a"
+        mfu_s = f"{ft['mfu'] * 100:5.1f}%" if ft.get("mfu") is not None else "n/a"
         print(f"{name:10s} {ft.get('tokens_per_s', float('nan')):11.0f} {mfu_s:>6s} "
-              f"{ft.get('gpu_mem_peak_mib') or 0:9.0f} {ev.get('tokens_per_s', float('nan')):10.1f} "
-              f"{ev.get('gpu_mem_peak_mib') or 0:8.0f} {sv.get('tokens_per_s', float('nan')):11.1f} "
-              f"{sv.get('gpu_mem_peak_mib') or 0:9.0f}")
-    peaks = {m["finetune"]["peak_bf16_tflops"] for m in report["models"].values() if "finetune" in m}
-    print(f"MFU: 4 x decoder Linear weights FLOPs per trained token / dense bf16 peak {peaks} TFLOP/s; "
-          "MiB: peak GPU memory over the phase's start (0: the phase ran on the CPU)")
+              f"{_mib(ft.get('gpu_mem_peak_mib')):>9s} {ev.get('tokens_per_s', float('nan')):10.1f} "
+              f"{_mib(ev.get('gpu_mem_peak_mib')):>8s} {sv.get('tokens_per_s', float('nan')):11.1f} "
+              f"{_mib(sv.get('gpu_mem_peak_mib')):>9s}")
+        for what, err in ((name, m.get("error")), (f"{name} serve", sv.get("error"))):
+            if err:
+                print(f"  {what} failed: {err}")
+    peaks = sorted({m["finetune"]["peak_bf16_tflops"] for m in report["models"].values()
+                    if m.get("finetune", {}).get("peak_bf16_tflops")})
+    print(f"MFU: 4 x decoder Linear weights FLOPs per trained token / dense bf16 peak "
+          f"{', '.join(f'{p:g}' for p in peaks) or 'unknown (pass --peak_tflops)'} TFLOP/s; MiB: peak GPU "
+          "memory over the phase's start (0: the phase ran on the CPU; n/a: no nvidia-smi)")
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    gpu = cuda_facts()  # first: no CUDA, no work
+    gpu = cuda_facts(a.allow_cpu)  # first: no CUDA, no work
     work = a.workdir or Path(tempfile.mkdtemp(prefix="gpu_check."))
     work.mkdir(parents=True, exist_ok=True)
     check = Check(a, work, gpu)
     print(f"gpu_check on {gpu['name']}; work dir {work}", flush=True)
     try:
+        failed = []
         for name in a.models:
             t = time.perf_counter()
-            if name == "default":
-                check.model("default", "default")
-            else:
-                # The default base's tokenizer (its GGUF converted once into the pipeline's cache).
-                snap, _, _ = check.step("download_snapshot", model="default")
-                default_dir = Path(snap["local_path"])
-                from synthetic_checkpoint import DTYPE_NAMES, write_checkpoint
-
-                ckpt = work / "synthetic"
-                built = write_checkpoint(ckpt, tokenizer_dir=default_dir, params=a.synthetic_params,
-                                         dtype=DTYPE_NAMES[a.synthetic_dtype], shard_bytes=2 * 10**9)
-                check.report["synthetic_checkpoint"] = {k: built[k] for k in ("shape", "parameters", "total_bytes")}
-                check.model("synthetic", str(ckpt))
-            print(f"{name}: done in {time.perf_counter() - t:.0f}s: "
-                  f"{json.dumps(check.report['models'][name])}", flush=True)
+            try:
+                if name == "default":
+                    check.model("default", "default")
+                else:
+                    check.model("synthetic", str(synthetic_base(check, work)))
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as err:
+                # One model failing leaves the other's figures: record it, go on, exit 1 at the end.
+                failed.append(name)
+                check.report["models"].setdefault(name, {})["error"] = " ".join(str(err).split())[:500]
+                print(f"{name}: FAILED: {err}", file=sys.stderr, flush=True)
+            print(f"{name}: {time.perf_counter() - t:.0f}s: {json.dumps(check.report['models'].get(name))}",
+                  flush=True)
             check.save()
         print_summary(check.report)
         print(f"wrote {a.out}")
     finally:
         if not a.keep and a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
+
+
+def synthetic_base(check: Check, work: Path) -> Path:
+    """The ~1.5B checkpoint, with the default base's tokenizer (its GGUF converted once, cached)."""
+    from synthetic_checkpoint import DTYPE_NAMES, write_checkpoint
+
+    snap, _, _ = check.step("download_snapshot", model="default")
+    ckpt = work / "synthetic"
+    t = time.perf_counter()
+    built = write_checkpoint(ckpt, tokenizer_dir=Path(snap["local_path"]), params=check.a.synthetic_params,
+                             dtype=DTYPE_NAMES[check.a.synthetic_dtype], shard_bytes=2 * 10**9)
+    check.report["synthetic_checkpoint"] = {**{k: built[k] for k in ("shape", "parameters", "total_bytes")},
+                                            "build_s": round(time.perf_counter() - t, 1)}
+    return ckpt
 
 
 if __name__ == "__main__":
