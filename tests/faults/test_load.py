@@ -24,7 +24,8 @@ def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, 
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "load_test.py"), "--model-uri", "models:/e2e-load@champion",
          "--clients", "4", "--duration", "8", "--max-requests", "60", "--batch-size", "2",
-         "--max-new-tokens", "8", "--baseline-seconds", "2", "--log", str(tmp_path / "serve.log")],
+         "--max-new-tokens", "8", "--baseline-seconds", "2", "--log", str(tmp_path / "serve.log"),
+         "--bad-every", "5", "--out", str(tmp_path / "load_test.json")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
@@ -34,3 +35,13 @@ def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, 
     assert 0 < served["p50_s"] <= served["p99_s"]
     assert result["in_process"]["requests"] > 0 and result["ratio"] > 0
     assert "served (HTTP, 4 cl.)" in proc.stdout and "ratio served / in-process" in proc.stdout
+    # Batching on and off, each with every fifth request a bad one that was refused (400), and the
+    # server answering the others without an error.
+    off = result["served_batching_off"]
+    assert off["errors"] == 0 and 0 < off["requests"] <= 60
+    assert served["model_config"] == {"batching": True} and off["model_config"] == {"batching": False}
+    assert served["bad_requests_refused"] > 0 and off["bad_requests_refused"] > 0
+    assert result["batching_ratio"] > 0 and "ratio batching on / off" in proc.stdout
+    written = json.loads((tmp_path / "load_test.json").read_text())
+    assert written["served"] == served and {"command", "commit", "machine"} <= set(written)
+    assert written["command"].startswith("python bench/load_test.py --model-uri models:/e2e-load@champion")
