@@ -333,6 +333,20 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         self._batcher = (Batcher(self._run_batch, max_rows=self.config.batch_max_rows,
                                  max_wait_s=self.config.batch_max_wait_ms / 1000)
                          if self.config.batching else None)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One token for one sentence, here in the loading thread. The first forward pass of a process
+        pays one-off set-up (3 s on the default base on a busy 2-core machine); paid by the first request
+        instead, in the batcher's thread while the other requests' threads prepare theirs, it took 30-50 s
+        (measured with 8 concurrent clients; afterwards a batch of 8 takes 6-8 s)."""
+        import torch
+
+        from lora_pipeline.model.decoding import greedy_decode, left_padded
+
+        ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE]), self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            greedy_decode(self.model, ids, mask, max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
 
     def _load_weights(self, arts: dict[str, str]) -> None:
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
