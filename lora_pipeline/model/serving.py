@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,9 @@ def verify_artifacts(paths: dict[str, Any], model: str = "the model") -> None:
     log.info("verified %d model files against %s", checked, names.ARTIFACT_DIGESTS)
 
 
+_BF16_COPY_LOCK = threading.Lock()
+
+
 class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
@@ -315,8 +319,9 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
 
         if resolve_precision(_precision(precision)) != "bf16":
             return self.model
-        if self._bf16_model is None:
-            self._bf16_model = bf16_linear_copy(self.model)
+        with _BF16_COPY_LOCK:  # concurrent unbatched requests would each make a copy
+            if self._bf16_model is None:
+                self._bf16_model = bf16_linear_copy(self.model)
         return self._bf16_model
 
     _batcher = None  # cross-request batching (made by load_context when the config turns it on)
