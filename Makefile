@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 PYTEST_ARGS ?=
 
-.PHONY: setup java run test test-fast test-faults lint mlproject conda-env lock clean server server-stop server-status
+.PHONY: setup java run serve test test-fast test-faults lint mlproject conda-env lock clean server server-stop server-status
 
 setup: $(STAMP) java
 
@@ -26,6 +26,16 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) $(BIN)/mlflow run . -e main --env-manager local
+
+# Serve a registered or logged model on 127.0.0.1 (README "Serve it"). SERVE_CONFIG: the model config
+# as JSON (batching, batch_max_rows, batch_max_wait_ms, max_new_tokens_cap, max_prompt_tokens).
+SERVE_MODEL ?= models:/e2e-extractor@champion
+SERVE_PORT ?= 5001
+SERVE_CONFIG ?=
+serve: setup
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$(TRACKING_URI) \
+	  $(if $(SERVE_CONFIG),MLFLOW_PYFUNC_INFERENCE_CONFIG='$(SERVE_CONFIG)') \
+	  $(BIN)/mlflow models serve -m "$(SERVE_MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 # The suite: unit tests, every step on tiny models, and the slow end-to-end runs (`mlflow run`, Git,
 # team server). The fault suite is separate (`make test-faults`); CI runs both.

@@ -1,23 +1,28 @@
-"""P3: evaluation throughput, this pipeline's served model vs `mlflow.transformers` pyfunc defaults.
+"""P3: evaluation throughput of the served model against two baselines, on equal terms.
 
-Same model, same prompts, same process. The fine-tuned model is the default base plus a LoRA adapter
-(`--adapter_dir`, e.g. one finetune logged; default: a fresh adapter with finetune's default config,
-which leaves the base's outputs unchanged).
+Same model weights, same chat-formatted prompts, same batch size, same greedy decoding and the same
+`max_new_tokens` on every side, in one process, for each precision asked (fp32, bf16):
   * ours: `log_reference`'s model loaded with `mlflow.pyfunc.load_model`, `predict` with
-    evaluate_checkpoint's defaults (`batch_size`, `precision=auto`: bf16 autocast where the CPU has
-    bf16 matmuls), `max_new_tokens=64`, greedy; and once more with `precision=fp32`, the baseline's
-    own precision, so both figures come from the same run;
-  * baseline: the merged model as a `text-generation` pipeline, logged with
-    `mlflow.transformers.log_model` and default settings (only `pip_requirements` given: requirement
-    inference crashes on this stack), loaded with `mlflow.pyfunc.load_model`, `predict` on the same
-    chat-formatted prompts; `max_new_tokens` and greedy decoding are set in the model's generation
-    config (the default signature has no params, so predict-time params are ignored).
-Prints sentences/s and generated tokens/s of both, and the ratio (goal >= 8x). The figure that
-matters is on a fine-tuned adapter (what evaluate_checkpoint evaluates: short answers that end);
-the default no-op adapter makes the base answer at length, up to max_new_tokens.
+    `batch_size`, `max_new_tokens`, `precision` (bf16 = autocast on a bf16-Linear copy of the fp32
+    model; generation: lora_pipeline/model/serving.py, decoding.py);
+  * plain transformers: the merged model, batched `model.generate` written by hand (left-padded
+    batches of `batch_size` in input order, greedy); bf16 = the same autocast as ours;
+  * `mlflow.transformers` pyfunc: the merged model as a `text-generation` pipeline logged with
+    `model_config={"batch_size", "max_new_tokens", "do_sample": False}` (its pipeline batches), and
+    `torch_dtype=bfloat16` for bf16 (MLflow's way to ask for bf16), loaded with
+    `mlflow.pyfunc.load_model`, `predict` on the prompts (only `pip_requirements` given besides:
+    requirement inference crashes on this stack).
+Prints and writes (bench/results/eval_throughput.json, with command, commit and machine) seconds,
+sentences/s and generated tokens/s of each, the ratios ours / plain and ours / mlflow.transformers,
+and how many answers parse to the same MR as plain transformers'.
+The figure that matters is on a fine-tuned adapter (what evaluate_checkpoint evaluates: short
+answers that end); the default, a fresh adapter with finetune's config, leaves the base's answers
+(mostly as long as max_new_tokens allows).
 
     flock /tmp/heavy.lock .venv/bin/python bench/bench_eval_throughput.py [--sentences 32]
-        [--adapter_dir <the adapter/ artifact of a fine-tuned model, e.g. the one bench_quality logs>]
+        [--batch_size 32] [--precisions fp32,bf16] [--adapter_dir <the adapter/ of a fine-tuned model>]
+Smoke run on a tiny model (seconds): --model <a small local checkpoint> --sentences 4 --batch_size 2
+    --max_new_tokens 4 --precisions fp32 --out <a scratch file>
 """
 
 from __future__ import annotations
@@ -31,16 +36,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (str(ROOT), str(ROOT / "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 SHARED_E2E = ROOT.parent / "shared" / "e2e" / "devset-cleaned.csv"
-MAX_NEW_TOKENS = 64
+SAMPLE = ROOT / "data" / "sample.csv"
 
 
-def _sentences(n: int) -> list[str]:
+def _sentences(path: Path, n: int) -> list[str]:
     import pandas as pd
 
-    df = pd.read_csv(SHARED_E2E)
+    df = pd.read_csv(path)
     # One sentence per MR, spread over the file: varied lengths and slot counts.
     df = df.drop_duplicates("mr")
     step = max(1, len(df) // n)
@@ -62,16 +68,60 @@ def _fresh_adapter(base_dir: Path, out: Path) -> Path:
     return out
 
 
+def _alternated(sides: dict, repeats: int) -> dict:
+    """Seconds of every repeat of each side, the sides run in a rotating order (so a slow spell of the
+    machine falls on all of them), and each side's answers from its last run."""
+    names = list(sides)
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    answers: dict[str, list[str]] = {}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            answers[name] = sides[name]()
+            secs[name].append(time.perf_counter() - t0)
+    return {n: (secs[n], answers[n]) for n in names}
+
+
+def plain_generate(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int, precision: str):
+    """Plain transformers, by hand: left-padded batches in input order, greedy `generate`."""
+    import torch
+    from transformers import GenerationConfig
+
+    from lora_pipeline.model.precision import autocast
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                           top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode(), autocast(model, precision):
+            gen = model.generate(**enc, generation_config=cfg)
+        out += [t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sentences", type=int, default=32)
     from steps.evaluate_checkpoint import Args as EvalArgs
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=EvalArgs().batch_size,
-                        help="ours: sentences per generate call (default: evaluate_checkpoint's)")
-    parser.add_argument("--adapter_dir", default="", help="a PEFT adapter folder for the default base")
+                        help="sentences per generate call, every side (default: evaluate_checkpoint's)")
+    parser.add_argument("--max_new_tokens", type=int, default=EvalArgs().max_new_tokens)
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs per side, alternated; medians and ranges are quoted")
+    parser.add_argument("--adapter_dir", default="", help="a PEFT adapter folder for the base")
     parser.add_argument("--model", default="default", help="base for download_snapshot")
+    parser.add_argument("--data", type=Path, default=SHARED_E2E if SHARED_E2E.is_file() else SAMPLE,
+                        help="CSV with mr, ref columns (default: ../shared/e2e/devset-cleaned.csv, else "
+                             "data/sample.csv)")
+    parser.add_argument("--out", type=Path, default=None, help="results file (default: "
+                        "bench/results/eval_throughput.json)")
     opts = parser.parse_args()
+    precisions = [p.strip() for p in opts.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        parser.error(f"--precisions={opts.precisions!r}: use fp32 and/or bf16")
     logging.basicConfig(level=logging.WARNING)
 
     work = Path(tempfile.mkdtemp(prefix="bench_eval."))
@@ -79,86 +129,113 @@ def main() -> None:
     os.chdir(work)
     import mlflow
     import pandas as pd
+    import record
     import torch
     import transformers
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment("bench")
     from lora_pipeline import artifacts
     from lora_pipeline.base.manifest import load_manifest
     from lora_pipeline.model import serving
     from lora_pipeline.task.e2e import format_prompt, parse_mr
     from steps import download_snapshot, log_reference
 
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment("bench")
     snap = download_snapshot.run(download_snapshot.Args(model=opts.model))
     manifest = load_manifest(snap.manifest_uri)
     base_dir = Path(snap.local_path)
     adapter = Path(opts.adapter_dir) if opts.adapter_dir else _fresh_adapter(base_dir, work / "adapter")
-    sentences = _sentences(opts.sentences)
-    print(f"base {manifest.reference()}; adapter {'given: ' + str(adapter) if opts.adapter_dir else 'fresh (no-op)'}; "
-          f"{len(sentences)} sentences; max_new_tokens {MAX_NEW_TOKENS}; greedy; "
-          f"torch threads {torch.get_num_threads()}")
+    adapter_kind = "a fine-tuned" if opts.adapter_dir else "a fresh (no-op)"
+    sentences = _sentences(opts.data, opts.sentences)
+    n, bs, mnt = len(sentences), opts.batch_size, opts.max_new_tokens
+    print(f"base {manifest.reference()}; adapter {'given' if opts.adapter_dir else 'fresh (no-op)'}; "
+          f"{n} sentences; batch {bs}; max_new_tokens {mnt}; greedy; torch threads {torch.get_num_threads()}")
 
-    # Ours -------------------------------------------------------------------------------------
     with mlflow.start_run():
         ckpt = serving.log_e2e_model(artifacts.checkpoint_model_name(1), manifest, adapter_dir=adapter,
                                      with_input_example=False)
-    ours_uri = log_reference.run(log_reference.Args(
-        checkpoint_uri=artifacts.model_uri(ckpt.model_id))).model_uri
-    ours_model = mlflow.pyfunc.load_model(ours_uri)
+    ours_model = mlflow.pyfunc.load_model(log_reference.run(log_reference.Args(
+        checkpoint_uri=artifacts.model_uri(ckpt.model_id))).model_uri, model_config={"batching": False})
     tok = ours_model.unwrap_python_model().tokenizer
-    from lora_pipeline.model.precision import resolve_precision
-
-    ours = {}  # precision -> (seconds, answers)
-    for precision in ("auto", "fp32"):
-        params = {"batch_size": opts.batch_size, "max_new_tokens": MAX_NEW_TOKENS, "precision": precision}
-        ours_model.predict(pd.DataFrame({"prompt": sentences[:2]}),
-                           params={**params, "max_new_tokens": 4})  # warm-up
-        t0 = time.perf_counter()
-        out = ours_model.predict(pd.DataFrame({"prompt": sentences}), params=params)
-        ours[precision] = (time.perf_counter() - t0, out["mr"].tolist())
-    auto = resolve_precision("auto")
-    del ours_model
-
-    # Baseline ---------------------------------------------------------------------------------
-    merged = serving.apply_adapter(serving.load_causal_lm(base_dir), adapter)  # same weights as ours
-    # The same decoding as ours, set on the model itself: the default pyfunc signature has no params
-    # schema, so predict-time params are dropped (MLflow warns) and generation would otherwise run
-    # to the model's maximum length. MLflow's own settings stay at their defaults.
-    merged.generation_config.max_new_tokens = MAX_NEW_TOKENS
-    merged.generation_config.do_sample = False
-    merged.generation_config.max_length = None
-    pipe = transformers.pipeline("text-generation", model=merged, tokenizer=serving.load_tokenizer(base_dir))
-    with mlflow.start_run():
-        default_uri = mlflow.transformers.log_model(pipe, name="default",
-                                                    pip_requirements=serving.pip_requirements()).model_uri
-    del pipe, merged
-    base_model = mlflow.pyfunc.load_model(default_uri)
     prompts = [format_prompt(tok, s) for s in sentences]
-    base_model.predict(prompts[:2])  # warm-up
-    t0 = time.perf_counter()
-    base_out = base_model.predict(prompts)
-    base_s = time.perf_counter() - t0
-    base_texts = [str(x) for x in (base_out if isinstance(base_out, list) else list(base_out.iloc[:, 0]))]
-    # The baseline echoes the prompt (whitespace-stripped) before the answer: count only the answer.
-    base_answers = [t[len(p.rstrip()):] if t.startswith(p.rstrip()) else t
-                    for t, p in zip(base_texts, prompts, strict=True)]
-    base_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in base_answers)
+    merged = serving.apply_adapter(serving.load_causal_lm(base_dir), adapter)  # the same weights as ours
+    pipe_tok = serving.load_tokenizer(base_dir)  # left padding, pad token set
 
-    n = len(sentences)
-    print(f"\nP3  evaluation throughput on {n} sentences (goal >= 8x)")
-    print(f"    mlflow.transformers pyfunc (defaults, fp32): {base_s:7.1f} s  {n / base_s:6.2f} sent/s  "
-          f"{base_tokens / base_s:7.1f} tok/s  ({base_tokens} tokens)")
-    for precision, label in (("auto", f"auto = {auto}"), ("fp32", "fp32")):
-        secs, answers = ours[precision]
-        # Tokens generated, counted from the answers (+1 for the end-of-sequence token): the `mr`
-        # column holds the normalised MR, or the raw text when it did not parse.
-        tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in answers)
-        agree = sum(parse_mr(a.strip()) == parse_mr(m) for a, m in zip(base_answers, answers, strict=True))
-        print(f"    ours, batch {opts.batch_size}, precision {label:11s}: {secs:7.1f} s  {n / secs:6.2f} sent/s  "
-              f"{tokens / secs:7.1f} tok/s  ({tokens} tokens)  speed-up {base_s / secs:.1f}x "
-              f"(tokens/s {(tokens / secs) / (base_tokens / base_s):.1f}x); same MR as baseline {agree}/{n}")
-    print(f"\n(work dir {work})")
+    def tokens(answers: list[str]) -> int:
+        # Generated tokens, counted from the answers (+1 for the end-of-sequence token).
+        return sum(len(ids) + 1 for ids in tok(answers, add_special_tokens=False)["input_ids"])
+
+    rows, table = [], []
+    df = pd.DataFrame({"prompt": sentences})
+    for precision in precisions:
+        params = {"batch_size": bs, "max_new_tokens": mnt, "precision": precision}
+        pipe = transformers.pipeline("text-generation", model=merged, tokenizer=pipe_tok)
+        with mlflow.start_run():
+            uri = mlflow.transformers.log_model(
+                pipe, name=f"mlflow-transformers-{precision}",
+                model_config={"batch_size": bs, "max_new_tokens": mnt, "do_sample": False},
+                torch_dtype=torch.bfloat16 if precision == "bf16" else None,
+                pip_requirements=serving.pip_requirements()).model_uri
+        del pipe
+        mt_model = mlflow.pyfunc.load_model(uri)
+
+        def mt_answers(m=mt_model) -> list[str]:
+            raw = m.predict(prompts)
+            texts = [str(x) for x in (raw if isinstance(raw, list) else list(raw.iloc[:, 0]))]
+            # Only the answer counts, should the pipeline echo the prompt.
+            return [t[len(p.rstrip()):].strip() if t.startswith(p.rstrip()) else t.strip()
+                    for t, p in zip(texts, prompts, strict=True)]
+
+        sides = {
+            "ours": lambda p=params: [str(x) for x in ours_model.predict(df, params=p)["mr"]],
+            "plain transformers": lambda p=precision: plain_generate(merged, pipe_tok, prompts, bs, mnt, p),
+            "mlflow.transformers": mt_answers,
+        }
+        # Warm-up of each side (first-call set-up is not generation speed).
+        ours_model.predict(df.head(2), params={**params, "max_new_tokens": 2})
+        plain_generate(merged, pipe_tok, prompts[:2], bs, 2, precision)
+        mt_model.predict(prompts[:2])
+        timed = _alternated(sides, opts.repeats)
+        del mt_model
+
+        plain_mr = [parse_mr(a) for a in timed["plain transformers"][1]]
+        row = {"precision": precision, "sentences": n, "batch_size": bs, "max_new_tokens": mnt}
+        for name, (secs, answers) in timed.items():
+            med = record.spread(secs)["median"]
+            row[name] = {"seconds": record.spread(secs), "sentences_per_s": round(n / med, 3),
+                         "tokens_per_s": round(tokens(answers) / med, 1), "tokens": tokens(answers),
+                         "same_mr_as_plain": sum(parse_mr(a) == m for a, m in zip(answers, plain_mr, strict=True))}
+        # Ratios per repeat (the sides of one repeat ran back to back), then median and range.
+        ours_s = timed["ours"][0]
+        row["ours_vs_plain"] = record.spread([b / o for b, o in zip(timed["plain transformers"][0], ours_s, strict=True)])
+        row["ours_vs_mlflow_transformers"] = record.spread(
+            [b / o for b, o in zip(timed["mlflow.transformers"][0], ours_s, strict=True)])
+        rows.append(row)
+        same = f"{row['ours']['same_mr_as_plain']}/{n} answers parse to plain's MR"
+        for key, label in (("ours_vs_plain", "hand-written batched transformers `generate`"),
+                           ("ours_vs_mlflow_transformers", "`mlflow.transformers` pyfunc logged with `batch_size`")):
+            r = row[key]
+            noise = "; inside the noise" if record.within_noise(r, 1.5) else ""
+            table.append({
+                "figure": f"P3 evaluation throughput, {precision}: ours / {label} (same {n} prompts, batch {bs}, "
+                          f"<= {mnt} new tokens, greedy, default base + {adapter_kind} adapter)",
+                "goal": ">= 1.5x",
+                "measured": f"{record.fmt_spread(r, 2, 'x')}{noise} (ours {row['ours']['seconds']['median']:.1f} s; "
+                            f"{same})"})
+
+    print(f"\n{'precision':<10}{'side':<22}{'median s':>9}{'sent/s':>8}{'tok/s':>8}{'same MR':>9}")
+    for row in rows:
+        for name in ("ours", "plain transformers", "mlflow.transformers"):
+            r = row[name]
+            print(f"{row['precision']:<10}{name:<22}{r['seconds']['median']:>9.2f}{r['sentences_per_s']:>8.2f}"
+                  f"{r['tokens_per_s']:>8.1f}{r['same_mr_as_plain']:>6}/{n}")
+        print(f"{row['precision']:<10}speed-up: {record.fmt_spread(row['ours_vs_plain'], 2, 'x')} plain "
+              f"transformers, {record.fmt_spread(row['ours_vs_mlflow_transformers'], 2, 'x')} mlflow.transformers")
+    record.write("eval_throughput", figures={
+        # The base by its content (the temporary store's run URI would mean nothing later).
+        "base": {"source": manifest.source, "architecture": manifest.architecture,
+                 "bytes": manifest.total_bytes, "manifest_sha256": manifest.digest()},
+        "adapter": adapter_kind, "repeats": opts.repeats, "rows": rows}, rows=table, out=opts.out)
 
 
 if __name__ == "__main__":

@@ -81,8 +81,10 @@ def within_noise(ratio: dict, target: float = 1.0) -> bool:
     return ratio["min"] <= target <= ratio["max"]
 
 
-def write(name: str, *, figures: dict, rows: list[dict], argv: Sequence[str] | None = None) -> Path:
-    """Write bench/results/<name>.json. `rows`: dicts with figure, goal, measured (text built from figures)."""
+def write(name: str, *, figures: dict, rows: list[dict], argv: Sequence[str] | None = None,
+          out: Path | None = None) -> Path:
+    """Write bench/results/<name>.json (or `out`, for tests). `rows`: dicts with figure, goal, measured (text
+    built from figures)."""
     for row in rows:
         missing = {"figure", "goal", "measured"} - set(row)
         if missing:
@@ -96,8 +98,8 @@ def write(name: str, *, figures: dict, rows: list[dict], argv: Sequence[str] | N
     payload = {"name": name, "command": ".venv/bin/python " + shlex.join(argv), "commit": git_commit(),
                "measured_at": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
                "figures": figures, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    out = Path(out) if out is not None else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out.name}")
     return out

@@ -179,7 +179,10 @@ def prompt_limit(config: ServingConfig, context_length: int | None, max_new_toke
 def prompt_problem(value: Any) -> str | None:
     """Why a prompt cell cannot be answered at all (before tokenizing), or None."""
     fix = "fix: send one sentence as text"
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    # The text 'None' too: MLflow's `inputs` and `instances` request formats turn a JSON null into
+    # that text before the model sees it (`dataframe_split` / `dataframe_records` keep the null).
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (
+            isinstance(value, str) and value.strip() == "None"):
         return f"prompt is null; {fix}"
     if not isinstance(value, str):
         return f"prompt is {type(value).__name__}, not text; {fix}"

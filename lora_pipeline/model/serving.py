@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -187,21 +188,6 @@ def encode_prompts(tokenizer, sentences: list[str]) -> list[list[int]]:
     return tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
 
 
-def left_padded(rows: list[list[int]], pad_id: int):
-    """(input_ids, attention_mask) of `rows`, left-padded to the longest: a decoder-only model
-    continues from the last position of each row."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = 0.0, do_sample: bool = False,
              batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION,
@@ -212,10 +198,12 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
     prompt lengths first), else they are made here with `encode_prompts`.
     `precision` (lora_pipeline/model/precision.py): `auto` generates under bf16 autocast where bf16 matmuls are
     native, as `finetune` trains by default; the weights stay fp32, so logits in fp32 are unchanged.
+    Greedy decoding drops each row from its batch at its end of sequence (lora_pipeline/model/decoding.py:
+    the same tokens as `model.generate`, less work); sampling runs `model.generate`.
     """
     import torch
-    from transformers import GenerationConfig
 
+    from lora_pipeline.model.decoding import greedy_decode, left_padded
     from lora_pipeline.model.precision import autocast
 
     if encoded is None:
@@ -223,10 +211,6 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
     # Length buckets: sorted by prompt length, each batch pads to nearly its own length (padding is
     # wasted compute); the order is restored at the end.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           temperature=temperature if do_sample else None,
-                           top_p=None, top_k=None,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     out: list[str] = [""] * len(encoded)
     model.eval()
     for start in range(0, len(order), batch_size):
@@ -234,11 +218,24 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
         ids, mask = left_padded([encoded[i] for i in idx], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         with torch.inference_mode(), autocast(model, precision):
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+            if do_sample:
+                tokens = _sample(model, tokenizer, ids, mask, max_new_tokens, temperature)
+            else:
+                tokens = greedy_decode(model, ids, mask, max_new_tokens=max_new_tokens,
+                                       eos_token_ids=[tokenizer.eos_token_id])
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for i, t in zip(idx, texts, strict=True):
             out[i] = t.strip()
     return out
+
+
+def _sample(model, tokenizer, ids, mask, max_new_tokens: int, temperature: float) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                           top_p=None, top_k=None,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1]:].tolist()
 
 
 def _prompt_values(model_input: Any) -> list[Any]:
@@ -308,6 +305,9 @@ def verify_artifacts(paths: dict[str, Any], model: str = "the model") -> None:
     log.info("verified %d model files against %s", checked, names.ARTIFACT_DIGESTS)
 
 
+_BF16_COPY_LOCK = threading.Lock()
+
+
 class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
@@ -321,8 +321,9 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
 
         if resolve_precision(_precision(precision)) != "bf16":
             return self.model
-        if self._bf16_model is None:
-            self._bf16_model = bf16_linear_copy(self.model)
+        with _BF16_COPY_LOCK:  # concurrent unbatched requests would each make a copy
+            if self._bf16_model is None:
+                self._bf16_model = bf16_linear_copy(self.model)
         return self._bf16_model
 
     _batcher = None  # cross-request batching (made by load_context when the config turns it on)
@@ -344,6 +345,20 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         self._batcher = (Batcher(self._run_batch, max_rows=self.config.batch_max_rows,
                                  max_wait_s=self.config.batch_max_wait_ms / 1000)
                          if self.config.batching else None)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One token for one sentence, here in the loading thread. The first forward pass of a process
+        pays one-off set-up (3 s on the default base on a busy 2-core machine); paid by the first request
+        instead, in the batcher's thread while the other requests' threads prepare theirs, it took 30-50 s
+        (measured with 8 concurrent clients; afterwards a batch of 8 takes 6-8 s)."""
+        import torch
+
+        from lora_pipeline.model.decoding import greedy_decode, left_padded
+
+        ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE]), self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            greedy_decode(self.model, ids, mask, max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
 
     def _load_weights(self, arts: dict[str, str], device: str = "cpu") -> None:
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())

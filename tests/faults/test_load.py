@@ -25,7 +25,8 @@ def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, 
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "load_test.py"), "--model-uri", "models:/e2e-load@champion",
          "--clients", "4", "--duration", "8", "--max-requests", "60", "--batch-size", "2",
-         "--max-new-tokens", "8", "--baseline-seconds", "2", "--log", str(tmp_path / "serve.log")],
+         "--max-new-tokens", "8", "--baseline-seconds", "2", "--baseline-batch-size", "2", "--log", str(tmp_path / "serve.log"),
+         "--bad-every", "5", "--out", str(tmp_path / "load_test.json")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
@@ -43,3 +44,14 @@ def test_load_test_serves_the_champion_without_errors(tracking, tiny_model_dir, 
     assert result["in_process"]["errors"] == 0
     assert result["ratio"] >= RATIO_FLOOR, proc.stdout[-2000:]
     assert "served (HTTP, 4 cl.)" in proc.stdout and "ratio served / in-process" in proc.stdout
+    # Batching on and off, each with every fifth request a bad one that was refused (400), and the
+    # server answering the others without an error.
+    off = result["served_batching_off"]
+    assert off["errors"] == 0 and 0 < off["requests"] <= 60
+    assert served["model_config"] == {"batching": True} and off["model_config"] == {"batching": False}
+    assert served["bad_requests_refused"] > 0 and off["bad_requests_refused"] > 0
+    assert result["batching_ratio"] > 0 and "ratio batching on / off" in proc.stdout
+    written = json.loads((tmp_path / "load_test.json").read_text())
+    assert written["figures"]["served"] == served and {"command", "commit", "machine"} <= set(written)
+    assert "bench/load_test.py --model-uri models:/e2e-load@champion" in written["command"]
+    assert [r["goal"] for r in written["rows"]] == [">= 0.8x", ">= 3x", "all, 0 errors"]

@@ -145,6 +145,13 @@ def test_served_model_refuses_bad_requests_with_400_and_keeps_serving(tracking, 
                                               None]
         assert [r["valid"] for r in rows][:3] == [False] * 3 and [r["mr"] for r in rows][:3] == [""] * 3
         assert rows[3]["mr"] == expected["mr"].iloc[0]
+        # The `inputs` format (MLflow turns its nulls into the text 'None'): a null all the same.
+        status, body = _post_any(url + "/invocations", {"inputs": {"prompt": [None, SENTENCES[0]]},
+                                                        "params": {"max_new_tokens": 6}})
+        assert status == 200, body
+        assert [r["error"] for r in body["predictions"]] == [
+            "prompt is null; fix: send one sentence as text", None]
+        assert body["predictions"][1]["mr"] == expected["mr"].iloc[0]
         status, body = _post_any(url + "/invocations", good)
         # Concurrent clients (their rows generated together by the cross-request batcher) get the
         # answers a lone client gets.

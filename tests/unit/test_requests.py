@@ -58,6 +58,7 @@ def test_every_bad_param_is_reported_at_once_with_the_configured_cap():
 @pytest.mark.parametrize("value, message", [
     (None, "prompt is null; fix: send one sentence as text"),
     (float("nan"), "prompt is null; fix: send one sentence as text"),
+    ("None", "prompt is null; fix: send one sentence as text"),  # a null after MLflow's `inputs` format
     ("", "prompt is empty; fix: send one sentence as text"),
     (" \n\t", "prompt is empty; fix: send one sentence as text"),
     (5, "prompt is int, not text; fix: send one sentence as text"),
