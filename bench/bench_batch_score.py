@@ -22,22 +22,18 @@ nothing about a real model).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for _p in (ROOT, ROOT / "tests" / "support"):
+for _p in (ROOT, ROOT / "bench", ROOT / "tests" / "support"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 DEVSET = ROOT.parent / "shared" / "e2e" / "devset.csv"
-RESULTS = ROOT / "bench" / "results" / "batch_score.json"
 # Spark settings of the run: the step's local defaults plus a bounded driver (the workers are separate
 # Python processes and are not bounded by it).
 SPARK_CONF = {"spark.driver.memory": "2g", "spark.sql.shuffle.partitions": "2"}
@@ -72,25 +68,6 @@ def tiny_model(work: Path) -> str:
     return f"models:/{info.model_id}"
 
 
-def machine() -> dict:
-    import pyspark
-    import torch
-
-    cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "pyspark": pyspark.__version__, "cuda": torch.cuda.is_available()}
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
-
-
 def main(argv: list[str] | None = None) -> int:
     from steps.batch_score import Args
 
@@ -103,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--spark-master", default=defaults.spark_master)
-    p.add_argument("--out", default=str(RESULTS), help="where the JSON result goes")
+    p.add_argument("--out", default=None, help="where the JSON result goes (default: "
+                   "bench/results/batch_score.json)")
     opts = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -113,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     from lora_pipeline.cli import configure_tracking
     from lora_pipeline.scoring import spark as spark_session
     from lora_pipeline.scoring.model import resolve
-    from lora_pipeline.tracking.version import pipeline_git_commit
     from steps import batch_score
 
     work = Path(tempfile.mkdtemp(prefix="bench_batch_score."))
@@ -153,24 +130,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {i + 1}/{opts.repeats} {side}: {rate:.2f} rows/s", flush=True)
     spark.stop()
 
-    figures = {side: spread(v) for side, v in rates.items()}
+    import pyspark
+    import record
+    import torch
+
+    figures = {side: record.spread(v) for side, v in rates.items()}
     ratio = figures["batch_score"]["median"] / figures["in_process"]["median"]
-    print(f"batch_score {figures['batch_score']['median']:.2f} rows/s "
-          f"({figures['batch_score']['min']:.2f}-{figures['batch_score']['max']:.2f}); in-process "
-          f"{figures['in_process']['median']:.2f} rows/s ({figures['in_process']['min']:.2f}-"
-          f"{figures['in_process']['max']:.2f}); ratio {ratio:.3f} (medians of {opts.repeats})")
-    result = {"figures": {**figures, "ratio_of_medians": ratio},
-              "settings": {"rows": len(texts), "rows_source": source, "model": model.describe(),
-                           "tiny_model": opts.tiny, "batch_size": opts.batch_size,
-                           "max_new_tokens": opts.max_new_tokens, "spark_master": opts.spark_master,
-                           "repeats": opts.repeats},
-              "command": " ".join(["bench/bench_batch_score.py", *(sys.argv[1:] if argv is None else argv)]),
-              "git_commit": pipeline_git_commit(ROOT), "machine": machine(),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+    # Per repeat too (the two sides of one repeat ran back to back), for the range of the ratio.
+    per_repeat = record.spread([b / i for b, i in zip(rates["batch_score"], rates["in_process"], strict=True)])
+    print(f"batch_score {record.fmt_spread(figures['batch_score'], 2, ' rows/s')}; in-process "
+          f"{record.fmt_spread(figures['in_process'], 2, ' rows/s')}; ratio of medians {ratio:.3f}, "
+          f"per repeat {record.fmt_spread(per_repeat, 3)}")
+    settings = {"rows": len(texts), "rows_source": source, "model": model.describe(), "tiny_model": opts.tiny,
+                "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens,
+                "spark_master": opts.spark_master, "repeats": opts.repeats, "pyspark": pyspark.__version__,
+                "torch_threads": torch.get_num_threads()}
+    noise = "; inside the noise" if record.within_noise(per_repeat, 0.8) else ""
+    record.write("batch_score", figures={**figures, "ratio_of_medians": ratio, "ratio_per_repeat": per_repeat,
+                                         "settings": settings},
+                 rows=[{"figure": f"`batch_score` rows/s on Spark `{opts.spark_master}` / the same model's in-process "
+                                  f"`predict` ({len(texts)} sentences, batch {opts.batch_size}, <= "
+                                  f"{opts.max_new_tokens} new tokens; {'TINY random model: plumbing only' if opts.tiny else 'champion of the default pipeline'})",
+                        "goal": ">= 0.8x",
+                        "measured": f"{ratio:.2f}x ({figures['batch_score']['median']:.2f} vs "
+                                    f"{figures['in_process']['median']:.2f} rows/s, medians of {opts.repeats}; "
+                                    f"per repeat {record.fmt_spread(per_repeat, 2)}{noise})"}],
+                 out=Path(opts.out) if opts.out else None)
     return 0
 
 

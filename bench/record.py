@@ -95,6 +95,10 @@ def write(name: str, *, figures: dict, rows: list[dict], argv: Sequence[str] | N
         argv[0] = script.relative_to(ROOT).as_posix()
     except ValueError:
         argv[0] = "bench/" + script.name
+    # Paths of this machine are named by their last part only (result files name no path of the machine).
+    argv = [argv[0]] + [f"<{Path(a).name}>" if a.startswith("/") else
+                        a.split("=", 1)[0] + f"=<{Path(a.split('=', 1)[1]).name}>" if a.startswith("--") and "=/" in a
+                        else a for a in argv[1:]]
     payload = {"name": name, "command": ".venv/bin/python " + shlex.join(argv), "commit": git_commit(),
                "measured_at": time.strftime("%Y-%m-%d", time.gmtime()), "machine": machine(),
                "figures": figures, "rows": rows}

@@ -39,3 +39,14 @@ def test_render_and_splice_round_trip(tmp_path):
     readme = f"intro\n{bench_table.BEGIN}\nold\n{bench_table.END}\nafter\n"
     spliced = bench_table.splice(readme, table)
     assert bench_table.readme_table(spliced) == table and spliced.endswith("after\n")
+
+
+def test_results_name_no_path_of_the_machine_they_were_made_on():
+    # Result files travel with the repository; a path of the benchmark machine means nothing elsewhere
+    # (record.write cuts them to their last part).
+    files = sorted((ROOT / "bench" / "results").glob("*.json"))
+    assert files, "no benchmark results committed"
+    for f in files:
+        text = f.read_text()
+        for prefix in ("/tmp/", "/work/", "/root/", "/home/"):
+            assert prefix not in text, f"{f.name} names a machine path ({prefix}...)"
