@@ -25,6 +25,8 @@ left padding, so results do not depend on the batch size; concurrent requests sh
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ import shutil
 import tempfile
 import threading
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +182,68 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_causal_lm(path: Path):
-    import torch
+def load_causal_lm(path: Path, dtype: str = "fp32", **from_pretrained_kwargs):
+    """The checkpoint's model in `dtype` (fp32 | bf16 | fp16), on the CPU unless a `device_map` in
+    `from_pretrained_kwargs` places it."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    from lora_pipeline.model.device import torch_dtype
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=False,
+                                                **from_pretrained_kwargs)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model being loaded now is placed: `device` (cpu | cuda, resolved), `dtype` of its weights
+    (auto | fp32 | bf16: resolved against the checkpoint at load) and the memory plan (device_map,
+    max_memory). Served models read theirs from the environment (`E2E_LORA_DEVICE`,
+    `E2E_LORA_DTYPE`) when they load, so a model logged on one machine runs as the serving one
+    decides; `evaluate_checkpoint` sets them in-process with `loading`."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    memory: Any = None  # device.MemoryPlan, or None: the whole model on `device`
+
+    @classmethod
+    def from_env(cls) -> LoadOptions:
+        from lora_pipeline.model.device import DTYPE_ENV, DTYPES, serving_device
+
+        try:
+            device = serving_device()
+        except ValueError as err:  # InputError: one line naming the variable and the fix
+            raise StepError(str(err)) from None
+        dtype = os.environ.get(DTYPE_ENV, "").strip() or "auto"
+        if dtype not in DTYPES:
+            raise StepError(f"{DTYPE_ENV}={dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+        return cls(device=device, dtype=dtype)
+
+
+_LOAD_OPTIONS: contextvars.ContextVar[LoadOptions | None] = contextvars.ContextVar("load_options", default=None)
+
+
+@contextlib.contextmanager
+def loading(options: LoadOptions):
+    """Models loaded (`load_context`) inside this block use `options` instead of the environment's."""
+    token = _LOAD_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _LOAD_OPTIONS.reset(token)
+
+
+def load_placed(path: Path, options: LoadOptions):
+    """`load_causal_lm` for `options`: the weight dtype resolved against the checkpoint's stored one,
+    then the model placed (moved to the device, or dispatched by its device_map)."""
+    from lora_pipeline.model.device import resolve_dtype
+
+    try:
+        dtype = resolve_dtype(options.dtype, path, device=options.device)
+    except ValueError as err:
+        raise StepError(str(err)) from None
+    kwargs = options.memory.from_pretrained_kwargs() if options.memory is not None else {}
+    model = load_causal_lm(path, dtype=dtype, **kwargs)
+    return model if "device_map" in kwargs else model.to(options.device)
 
 
 def apply_adapter(base_model, adapter_dir: Path, *, merge: bool = True):
@@ -258,7 +318,7 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
         idx = order[start:start + batch_size]
         ids, mask = left_padded([encoded[i] for i in idx], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        with torch.inference_mode(), autocast(model, precision):
+        with torch.inference_mode(), autocast(model, precision, model.device.type):
             if do_sample:
                 tokens = _sample(model, tokenizer, ids, mask, max_new_tokens, temperature)
             else:
@@ -360,7 +420,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         """The module `generate` runs for `precision`: the fp32 model, or its bf16-weight copy."""
         from lora_pipeline.model.precision import resolve_precision
 
-        if resolve_precision(_precision(precision)) != "bf16":
+        if resolve_precision(_precision(precision), self.model.device.type) != "bf16":
             return self.model
         with _BF16_COPY_LOCK:  # concurrent unbatched requests would each make a copy
             if self._bf16_model is None:
@@ -372,16 +432,13 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from lora_pipeline.model import param_guard
         from lora_pipeline.model.batching import Batcher
-        from lora_pipeline.model.device import serving_device
-
         self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
-        try:
-            device = serving_device()  # before the weights load: a bad setting fails in a second
-        except ValueError as err:
-            raise StepError(str(err)) from None
+        # Decided now, on the machine that loads the model (before the weights: a bad setting
+        # fails in a second).
+        options = _LOAD_OPTIONS.get() or LoadOptions.from_env()
         self.config = requests.ServingConfig.from_model_config(getattr(context, "model_config", None))
         param_guard.install()
-        self._load_weights(context.artifacts, device)
+        self._load_weights(context.artifacts, options)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self._batcher = (Batcher(self._run_batch, max_rows=self.config.batch_max_rows,
                                  max_wait_s=self.config.batch_max_wait_ms / 1000)
@@ -399,15 +456,16 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
 
         ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE]), self.tokenizer.pad_token_id)
         with torch.inference_mode():
-            greedy_decode(self.model, ids, mask, max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
+            greedy_decode(self.model, ids.to(self.model.device), mask.to(self.model.device), max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
 
-    def _load_weights(self, arts: dict[str, str], device: str = "cpu") -> None:
+    def _load_weights(self, arts: dict[str, str], options: LoadOptions | None = None) -> None:
+        options = options or LoadOptions(dtype="fp32")
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
         self.manifest = manifest
         verify_artifacts(arts)
         if names.FULL_MODEL_ARTIFACT in arts:
             path = Path(arts[names.FULL_MODEL_ARTIFACT])
-            self.model, self.tokenizer = load_causal_lm(path).to(device), load_tokenizer(path)
+            self.model, self.tokenizer = load_placed(path, options).eval(), load_tokenizer(path)
             return
         if names.PERSISTED_BASE_ARTIFACT in arts:
             base_dir = Path(arts[names.PERSISTED_BASE_ARTIFACT])
@@ -415,10 +473,10 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         else:
             base_dir = resolve_base(manifest)
         self.tokenizer = load_tokenizer(base_dir)
-        model = load_causal_lm(base_dir)
+        model = load_placed(base_dir, options)
         if names.ADAPTER_ARTIFACT in arts:
             model = apply_adapter(model, Path(arts[names.ADAPTER_ARTIFACT]))
-        self.model = model.eval().to(device)
+        self.model = model.eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """One row per prompt: the answer, or (bad prompt) `valid=false` and the `error`, never an
