@@ -27,6 +27,7 @@ from pathlib import Path
 from lora_pipeline import artifacts
 from lora_pipeline.cli import param, run_cli
 from lora_pipeline.errors import InputError, Problem, Problems
+from lora_pipeline.model import device
 from lora_pipeline.model.logged import latest_output, looks_like_model_uri, model_info
 from lora_pipeline.model.precision import PRECISIONS
 
@@ -54,6 +55,15 @@ class Args:
     precision: str = param("auto", "compute precision of generation: bf16 (autocast; weights stay "
                            "fp32), fp32, or auto = bf16 where the hardware has bf16 matmuls (CUDA "
                            "bf16, or a CPU with avx512_bf16 / amx_bf16), as finetune trains")
+    device: str = param("auto", "where to generate: cuda, cpu, or auto = cuda when torch sees a GPU; "
+                        "cuda without one is an error")
+    dtype: str = param("auto", "dtype of the weights: fp32, bf16, or auto = the checkpoint's stored "
+                       "dtype, fp32 where that format is slow on the device")
+    device_map: str = param("", "spread a model too big for one device: auto, balanced, "
+                            "balanced_low_0, sequential (accelerate), or cpu, cuda, cuda:<index>; "
+                            "'' = the whole model on `device`")
+    max_memory: str = param("", "with a device_map strategy, the most each device may hold, e.g. "
+                            "0:20GiB,1:20GiB,cpu:64GiB; '' = what accelerate finds free")
 
 
 @dataclass
@@ -78,7 +88,26 @@ def validate_static(args: Args) -> Problems:
     problems.positive("max_new_tokens", args.max_new_tokens)
     problems.require(args.precision in PRECISIONS, "precision", args.precision, "is not supported",
                      f"use one of: {', '.join(PRECISIONS)}")
+    problems.require(args.device in device.DEVICES, "device", args.device, "is not a device this "
+                     "pipeline runs on", f"use one of: {', '.join(device.DEVICES)}")
+    problems.require(args.dtype in device.DTYPES, "dtype", args.dtype, "is not supported",
+                     f"use one of: {', '.join(device.DTYPES)}")
     return problems
+
+
+def load_options(args: Args):
+    """The device, dtype and memory plan the models load with, checked against this machine; an
+    InputError with every problem (CUDA asked for where there is none, a device map naming a GPU
+    that is not there, a max_memory that limits nothing, ...)."""
+    from lora_pipeline.model.serving import LoadOptions
+
+    hw = device.detect()
+    problems = Problems()
+    dev = device.resolve_device(args.device, hw=hw, problems=problems)
+    memory = device.resolve_memory(dev, device_map=args.device_map, max_memory=args.max_memory, hw=hw,
+                                   problems=problems)
+    problems.raise_if_any()
+    return LoadOptions(device=dev, dtype=args.dtype, memory=memory)
 
 
 def default_eval_data(model_uri: str, model_id: str) -> str:
@@ -101,6 +130,7 @@ def run(args: Args) -> Result:
     from lora_pipeline.cli import configure_tracking
 
     validate_static(args).raise_if_any()
+    options = load_options(args)  # before any download or model load
     configure_tracking()
     model_uri = args.model_uri or latest_output(LOG_REFERENCE_ENTRY_POINT, artifacts.MODEL_OUTPUT,
                                                 "model_uri")
@@ -109,7 +139,7 @@ def run(args: Args) -> Result:
 
     import mlflow
 
-    from lora_pipeline.model import evaluation
+    from lora_pipeline.model import evaluation, serving
     from lora_pipeline.task.eval_set import eval_dataset, load_eval_set, sample
     from lora_pipeline.tracking.runs import step_run
 
@@ -122,7 +152,8 @@ def run(args: Args) -> Result:
         sentences, expected = list(ds["ref"]), list(ds["mr"])
         log.info("evaluating %s and its base on %d examples of %s", model_uri, len(ds), eval_source)
         # Loaded before the run starts: an unresolvable base or a digest mismatch leaves no run.
-        extractor, base_arts = evaluation.load_candidate(info.model_uri, tmp)
+        with serving.loading(options):
+            extractor, base_arts = evaluation.load_candidate(info.model_uri, tmp)
 
         with step_run(ENTRY_POINT, args) as active:
             run_id = active.info.run_id
@@ -134,7 +165,8 @@ def run(args: Args) -> Result:
             # One model in memory at a time: the candidate goes before the base loads.
             del extractor
             gc.collect()
-            base_ext = evaluation.load_base(base_arts)
+            with serving.loading(options):
+                base_ext = evaluation.load_base(base_arts)
             base, base_rows = evaluation.score(
                 expected, evaluation.generate_timed(base_ext, sentences, desc="base", **gen), "")
             del base_ext

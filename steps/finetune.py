@@ -30,7 +30,7 @@ from typing import Any
 
 from lora_pipeline.cli import param, run_cli
 from lora_pipeline.errors import InputError, Problems, StepError
-from lora_pipeline.model import precision
+from lora_pipeline.model import device, precision
 from lora_pipeline.training import launch, plan, resume, session
 
 DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -85,6 +85,15 @@ class Args:
     precision: str = param("auto", "compute precision of training: bf16 (autocast; weights, "
                            "optimizer and saved adapters stay fp32), fp32, or auto = bf16 where the "
                            "hardware has bf16 matmuls (CUDA bf16, or a CPU with avx512_bf16 / amx_bf16)")
+    device: str = param("auto", "where to train: cuda, cpu, or auto = cuda when torch sees a GPU; "
+                        "cuda without one is an error")
+    dtype: str = param("auto", "dtype of the frozen base weights: fp32, bf16, or auto = the "
+                       "checkpoint's stored dtype, fp32 where that format is slow on the device "
+                       "(a CPU without native bf16); LoRA weights stay fp32")
+    gradient_checkpointing: bool = param(False, "recompute activations in the backward pass: less "
+                                         "memory for long sequences or big bases, about a third more compute")
+    load_in_4bit: bool = param(False, "QLoRA: hold the frozen base in 4-bit NF4 through bitsandbytes "
+                               "(CUDA only; needs the bitsandbytes package)")
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -108,6 +117,10 @@ def validate_static(args: Args) -> Problems:
               "must be between 0 and 1 (exclusive)", "pass e.g. 0.1 for 10% of the distinct MRs")
     p.require(args.precision in precision.PRECISIONS, "precision", args.precision, "is not supported",
               f"use one of: {', '.join(precision.PRECISIONS)}")
+    p.require(args.device in device.DEVICES, "device", args.device, "is not a device this pipeline "
+              "runs on", f"use one of: {', '.join(device.DEVICES)}")
+    p.require(args.dtype in device.DTYPES, "dtype", args.dtype, "is not supported",
+              f"use one of: {', '.join(device.DTYPES)}")
     p.require(args.lr_scheduler in SCHEDULERS, "lr_scheduler", args.lr_scheduler, "is not supported",
               f"use one of: {', '.join(SCHEDULERS)}")
     p.require(bool(plan.target_module_names(args.target_modules)), "target_modules", args.target_modules,
@@ -130,6 +143,13 @@ def prepare(args: Args) -> plan.Plan:
 
     configure_tracking()
     problems = validate_static(args)
+    # The machine's side (CUDA asked for where there is none, 4-bit without CUDA or bitsandbytes):
+    # a machine that cannot run the step at all is reported, with the other parameter problems,
+    # before the data or the base is downloaded.
+    before = len(problems.items)
+    hardware = plan.check_hardware(args, problems)
+    if len(problems.items) > before:
+        problems.raise_if_any()
     ds = report = None
     try:
         ds, report = data.load_examples_report(args.dataset, args.dataset_revision,
@@ -150,7 +170,7 @@ def prepare(args: Args) -> plan.Plan:
     problems.raise_if_any()
     assert ds is not None and report is not None and manifest is not None  # else raised above
     # Split, then the checks that need the base (target modules, lengths) and the resume state.
-    return plan.stage(args, ds, report, manifest, resume_target, problems)
+    return plan.stage(args, ds, report, manifest, resume_target, problems, hardware)
 
 
 def run(args: Args, *, callbacks: Sequence[Any] = ()) -> session.Result:

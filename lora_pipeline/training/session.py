@@ -44,12 +44,16 @@ class Result:
     checkpoint_final_wait_s: float  # time spent after training waiting for logging to finish
 
 
-def training_arguments(a: Any, output_dir: Path, world_size: int):
-    """`TrainingArguments` from the step's Args (`a`)."""
+def training_arguments(a: Any, output_dir: Path, world_size: int, decided: dict[str, Any] | None = None):
+    """`TrainingArguments` from the step's Args (`a`) and the plan's device decisions (`decided`:
+    `Plan.extra`, {device, precision, dtype}; without them, today's choice: CUDA when present)."""
     import torch
     from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
+    decided = decided or {}
+    cuda = decided.get("device", "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
+    compute = decided.get("precision") or resolve_precision(a.precision)
+    checkpointing = bool(getattr(a, "gradient_checkpointing", False))
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=a.max_steps if a.max_steps > 0 else -1,
@@ -83,7 +87,13 @@ def training_arguments(a: Any, output_dir: Path, world_size: int):
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=not cuda,
-        bf16=resolve_precision(a.precision) == "bf16",
+        bf16=compute == "bf16",
+        fp16=compute == "fp16",  # auto on GPUs where only fp16 is fast; the Trainer scales the loss
+        # (transformers 5 renamed gradient_checkpointing; the step keeps the name users know.)
+        activation_checkpointing=checkpointing,
+        # Non-reentrant: works with a frozen base whose inputs need no gradient (PEFT), and is
+        # what torch recommends.
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         ddp_backend=("nccl" if cuda else "gloo") if world_size > 1 else None,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient at every step
         disable_tqdm=False,
@@ -97,7 +107,9 @@ def flat_params(plan: Plan, targs, lora_config, n_train: int, n_val: int, world:
         "trainer.adam_beta1": targs.adam_beta1, "trainer.adam_beta2": targs.adam_beta2,
         "trainer.adam_epsilon": targs.adam_epsilon, "trainer.max_grad_norm": targs.max_grad_norm,
         "trainer.world_size": world,
-        "trainer.precision": "bf16" if targs.bf16 else "fp32",
+        "trainer.precision": "bf16" if targs.bf16 else "fp16" if targs.fp16 else "fp32",
+        "trainer.device": plan.extra.get("device", "cpu" if targs.use_cpu else "cuda"),
+        "trainer.dtype": plan.extra.get("dtype", "fp32"),
         "trainer.total_batch_size": targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world,
         "lora.bias": lora_config.bias, "lora.task_type": getattr(lora_config.task_type, "value", lora_config.task_type),
         "lora.scale": plan.args.lora_alpha / plan.args.lora_r,
@@ -139,11 +151,32 @@ def build(plan: Plan) -> Parts:
     torch.manual_seed(a.seed)  # LoRA A matrices are initialised from the global RNG
     lora_config = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                              target_modules=target_module_names(a.target_modules), task_type=TaskType.CAUSAL_LM)
-    model = get_peft_model(serving.load_causal_lm(base_dir), lora_config)
+    model = get_peft_model(load_base_model(plan), lora_config)
     return Parts(model=model, tokenizer=tok, lora_config=lora_config, train_raw=train_raw,
                  validation_raw=val_raw,
                  train=tokenize_examples(train_raw, tok, desc="tokenizing train"),
                  validation=tokenize_examples(val_raw, tok, desc="tokenizing validation"))
+
+
+def load_base_model(plan: Plan):
+    """The frozen base in the plan's dtype; with `load_in_4bit`, quantized to NF4 on this rank's GPU
+    and prepared for k-bit training (QLoRA)."""
+    from lora_pipeline.model import serving
+    from lora_pipeline.model.device import MemoryPlan
+
+    a = plan.args
+    dtype = plan.extra.get("dtype", "fp32")
+    if not getattr(a, "load_in_4bit", False):
+        return serving.load_causal_lm(Path(plan.base_dir), dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+
+    # The 4-bit matmuls compute in the training precision (bf16 on Ampere and later: the QLoRA recipe).
+    kwargs = MemoryPlan(load_in_4bit=True).from_pretrained_kwargs(plan.extra.get("precision", "bf16"))
+    # bitsandbytes quantizes while loading onto the GPU: each DDP rank onto its own.
+    kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = serving.load_causal_lm(Path(plan.base_dir), dtype=dtype, **kwargs)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def augment_rows(ds, fraction: float, seed: int):
@@ -198,7 +231,7 @@ def train(plan: Plan, *, callbacks: Sequence[Any] = ()) -> Result:
     train_raw, val_raw = parts.train_raw, parts.validation_raw
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-    targs = training_arguments(a, Path(plan.work_dir) / "trainer", world)
+    targs = training_arguments(a, Path(plan.work_dir) / "trainer", world, plan.extra)
 
     if is_main and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") is None:
         mlflow.enable_system_metrics_logging()  # CPU/memory/GPU alongside the training metrics

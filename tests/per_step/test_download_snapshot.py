@@ -43,6 +43,37 @@ def test_local_directory_is_logged_once_with_digests(tracking, tiny_model_dir):
     assert {p.name: sha256_file(p) for p in logged.iterdir()} == {k: v.sha256 for k, v in files.items()}
 
 
+def test_local_directory_is_hashed_while_copied_each_file_read_once(tracking, tiny_model_dir, monkeypatch):
+    """On a local store the files are copied into the run with copy_tree_hashed: no separate hashing
+    pass (describe_dir / sha256_file are not called), each file opened for reading once, and the
+    manifest holds the digests describe_dir gives."""
+    from lora_pipeline.base import manifest as manifest_mod
+    from lora_pipeline.base import snapshot, transfer
+
+    expected = manifest_mod.describe_dir(tiny_model_dir)
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if "r" in mode and Path(path).parent == tiny_model_dir:
+            opened.append(Path(path).name)
+        return real_open(path, mode, *args, **kwargs)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the files were hashed in a pass of their own")
+
+    with monkeypatch.context() as m:  # undone at the end of the block, the fixtures' settings kept
+        m.setattr(transfer, "open", counting_open, raising=False)
+        m.setattr(snapshot, "describe_dir", no_second_pass)
+        m.setattr(manifest_mod, "sha256_file", no_second_pass)
+        res = ds.run(ds.Args(model=str(tiny_model_dir)))
+    m = load_manifest(res.manifest_uri)
+    assert m.files == expected  # same paths, sizes, digests and order as before
+    assert sorted(opened) == sorted(e.path for e in expected)  # each file read once, by the copy
+    logged = Path(tracking.download_artifacts(res.run_id, artifacts.SNAPSHOT_FILES_DIR, str(Path.cwd())))
+    assert {p.name: sha256_file(p) for p in logged.iterdir()} == {e.path: e.sha256 for e in expected}
+
+
 def test_local_directory_skips_non_checkpoint_files(tracking, tiny_model_dir, tmp_path):
     d = _copy(tiny_model_dir, tmp_path / "ckpt")
     (d / "optimizer.pt").write_bytes(b"\x80\x04not-a-checkpoint-file")

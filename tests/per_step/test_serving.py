@@ -407,6 +407,35 @@ def test_corrupt_base_in_artifact_store_is_refused(tracking, tiny_model_dir, ada
     assert not any((fresh_cache / "bases").iterdir())  # nothing half-verified was kept
 
 
+def test_base_from_a_local_store_is_hashed_while_copied_into_the_cache(tracking, tiny_model_dir, fresh_cache,
+                                                                      monkeypatch):
+    """Filling the cache from a local store reads each base file once (copy_tree_hashed), without
+    a download followed by a verifying pass, and the copy matches the manifest."""
+    from lora_pipeline.base import transfer
+
+    manifest = load_manifest(snapshot(str(tiny_model_dir)))
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if "r" in mode:
+            opened.append(Path(path).name)
+        return real_open(path, mode, *args, **kwargs)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the base was read again to verify it")
+
+    with monkeypatch.context() as m:  # undone at the end of the block, the fixtures' settings kept
+        m.setattr(transfer, "open", counting_open, raising=False)
+        m.setattr(serving, "verify_dir", no_second_pass)
+        m.setattr(mlflow.artifacts, "download_artifacts", no_second_pass)
+        base_dir = serving.resolve_base(manifest)
+    assert sorted(opened) == sorted(f.path for f in manifest.files)
+    assert base_dir.is_relative_to(fresh_cache)
+    serving.verify_dir(base_dir, manifest)
+    assert serving.resolve_base(manifest) == base_dir  # the second load uses the cache
+
+
 def test_corrupt_cached_base_is_refused(tracking, tiny_model_dir, adapter_dir, fresh_cache):
     manifest_uri = snapshot(str(tiny_model_dir))
     uri = log_checkpoint(manifest_uri, adapter_dir)
