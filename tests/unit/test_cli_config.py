@@ -119,10 +119,7 @@ def test_help_with_config_is_instant():
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 ENTRIES = sorted(yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"], key=len, reverse=True)
 # Files naming data parameters (task, data_format, prompt_column, ...) the steps do not take yet.
-NOT_YET_WIRED = {
-    "evaluate_checkpoint_json_messages.yaml", "evaluate_checkpoint_text.yaml", "finetune_e2e_parquet.yaml",
-    "finetune_json_columns.yaml", "finetune_json_messages.yaml", "finetune_text_prompt_completion.yaml",
-}
+NOT_YET_WIRED = {"evaluate_checkpoint_json_messages.yaml", "evaluate_checkpoint_text.yaml"}
 
 
 def _case(path):
