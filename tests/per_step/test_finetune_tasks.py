@@ -148,3 +148,22 @@ def test_columns_that_are_not_there_name_the_mapping(tracking, manifest_uri, tex
                                          r"data_format=prompt_completion \(columns: question, answer\); fix: map "
                                          r"yours with prompt_column=<column>, completion_column=<column>"):
         finetune.run(fast_args(manifest_uri, text_csv, task="text", data_format="prompt_completion"))
+
+
+def test_e2e_from_prompt_completion_parquet_splits_by_group(tracking, manifest_uri, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"venue": name, "prompt": f"{name} is a pub.", "completion": f"name[{name}], eatType[pub]"}
+            for name in VENUES]
+    path = tmp_path / "e2e.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    cb = Weights()
+    res = finetune.run(fast_args(manifest_uri, path, task="e2e", data_format="prompt_completion",
+                                 group_column="venue", augment_fraction=0.5), callbacks=[cb])
+    assert _changed(cb)
+    params = mlflow.MlflowClient().get_run(res.run_id).data.params
+    assert (params["data.train_mrs"], params["data.validation_mrs"]) == ("6", "2")
+    held_out = [json.loads(line) for line in
+                mlflow.artifacts.load_text(res.validation_data_uri).splitlines() if line.strip()]
+    assert sorted(held_out[0]) == ["mr", "ref"]  # the e2e layout evaluate_checkpoint reads
