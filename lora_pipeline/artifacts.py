@@ -30,6 +30,10 @@ PERSISTED_BASE_ARTIFACT = "base"  # the base weights once persist_and_register c
 # logging and checked at every load: the base is checked against its manifest, this checks the rest.
 ARTIFACT_DIGESTS = "artifact_digests.json"
 DIGESTED_ARTIFACTS = (ADAPTER_ARTIFACT, FULL_MODEL_ARTIFACT)
+# The task the model was trained for and its system prompt (lora_pipeline/task/tasks.py:task_spec), so
+# serving and evaluation build the prompts training used and parse answers the task's way. Models
+# logged before it existed have none: they are e2e models.
+TASK_ARTIFACT = "task.json"
 
 # --- tags --------------------------------------------------------------------------------------
 OUTPUT_TAG_PREFIX = "pipeline.output."

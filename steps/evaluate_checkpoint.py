@@ -8,10 +8,12 @@ sentences through the same code path (the served model without its adapter, base
 verified from the pinned manifest), so every report shows base vs candidate
 (lora_pipeline/model/evaluation.py).
 
-Metrics (lora_pipeline/task/e2e.py `Scores`): slot precision / recall / F1 (micro, and per slot), exact match of
-the whole MR, rate of unparsable outputs, generation tokens per second. They go to this run
-(`candidate.*`, `base.*`) and to the logged model (`slot_f1`, ..., `base_slot_f1`, ...), with a
-per-example table (`eval_table.json`: sentence, expected, predicted, per-row F1) the MLflow UI shows.
+Metrics: the task's (the one the model was trained for, `task.json`; lora_pipeline/task/tasks.py).
+e2e: slot precision / recall / F1 (micro, and per slot), exact match of the whole MR, rate of
+unparsable outputs; json: field precision / recall / F1, valid-JSON rate, exact match; text: exact
+match, token F1, ROUGE-L; always generation tokens per second. They go to this run (`candidate.*`,
+`base.*`) and to the logged model (`slot_f1`, ..., `base_slot_f1`, ...), with a per-example table
+(`eval_table.json`: sentence or prompt, expected, predicted, per-row score) the MLflow UI shows.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lora_pipeline.errors import InputError, Problem, Problems
 from lora_pipeline.model import device
 from lora_pipeline.model.logged import latest_output, looks_like_model_uri, model_info
 from lora_pipeline.model.precision import PRECISIONS
+from lora_pipeline.task import formats
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,20 @@ class Args:
     model_uri: str = param("", "model to evaluate: models:/<id>, runs:/<run>/<name> or "
                            "models:/<name>@<alias>; default: the model of the latest finished "
                            "log_reference run")
-    eval_data: str = param("", "evaluation set: a .csv/.jsonl file (columns mr, ref), an artifact "
-                           "URI of one, or a Hub dataset id; default: the held-out split of the "
-                           "finetune run behind the model")
+    eval_data: str = param("", "evaluation set: a .csv/.jsonl/.json/.parquet file (mr, ref; prompt, "
+                           "completion; or messages: see data_format), an artifact URI of one, or a "
+                           "Hub dataset id; default: the held-out split of the finetune run behind "
+                           "the model")
     eval_data_revision: str = param("", "Hub dataset ids only: branch, tag or commit")
+    # The data parameters (lora_pipeline/task/formats.py:DataArgs, shared with finetune). `task` is
+    # the model's own (task.json) unless given; the layout ones apply to an eval_data you pass (the
+    # default held-out split is in the pipeline's own layout).
+    task: str = formats.data_param("task")
+    data_format: str = formats.data_param("data_format")
+    prompt_column: str = formats.data_param("prompt_column")
+    completion_column: str = formats.data_param("completion_column")
+    messages_column: str = formats.data_param("messages_column")
+    system_prompt: str = formats.data_param("system_prompt")
     skip_malformed: bool = param(False, "skip evaluation rows whose MR does not parse (default: "
                                  "refuse the set)")
     max_examples: int = param(200, "evaluate at most this many examples (a fixed random sample); "
@@ -92,7 +105,12 @@ def validate_static(args: Args) -> Problems:
                      "pipeline runs on", f"use one of: {', '.join(device.DEVICES)}")
     problems.require(args.dtype in device.DTYPES, "dtype", args.dtype, "is not supported",
                      f"use one of: {', '.join(device.DTYPES)}")
+    formats.check_args(formats.DataArgs(**{f: getattr(args, f) for f in _DATA_FIELDS}), problems)
     return problems
+
+
+_DATA_FIELDS = ("task", "data_format", "prompt_column", "completion_column", "messages_column",
+                "system_prompt")
 
 
 def load_options(args: Args):
@@ -140,57 +158,69 @@ def run(args: Args) -> Result:
     import mlflow
 
     from lora_pipeline.model import evaluation, serving
-    from lora_pipeline.task.eval_set import eval_dataset, load_eval_set, sample
+    from lora_pipeline.task.eval_set import eval_dataset, load_task_examples
     from lora_pipeline.tracking.runs import step_run
 
     eval_source = args.eval_data or default_eval_data(model_uri, model_id)
     gen = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, precision=args.precision)
     with tempfile.TemporaryDirectory(prefix="evaluate.") as tmp_str:
         tmp = Path(tmp_str)
-        ds = load_eval_set(eval_source, args.eval_data_revision, tmp, args.skip_malformed)
-        ds = ds.select(sample(len(ds), args.max_examples))
-        sentences, expected = list(ds["ref"]), list(ds["mr"])
-        log.info("evaluating %s and its base on %d examples of %s", model_uri, len(ds), eval_source)
         # Loaded before the run starts: an unresolvable base or a digest mismatch leaves no run.
         with serving.loading(options):
             extractor, base_arts = evaluation.load_candidate(info.model_uri, tmp)
+        task = evaluation.model_task(args.task, extractor.task_name, model_uri)
+        if args.system_prompt:  # evaluate the model (and its base) under another system prompt
+            extractor.system_prompt = args.system_prompt
+        # finetune's held-out split (the default; main passes it explicitly) is in the pipeline's own
+        # layout, whatever layout the training data had.
+        own_split = not args.eval_data or args.eval_data.endswith(artifacts.VALIDATION_DATA_PATH)
+        layout = None if own_split else formats.DataArgs(
+            **{f: getattr(args, f) for f in _DATA_FIELDS if f != "task"}, task=task.name)
+        sentences, expected, table = load_task_examples(
+            eval_source, args.eval_data_revision, task, layout, tmp, skip_malformed=args.skip_malformed,
+            max_examples=args.max_examples)
+        log.info("evaluating %s (task %s) and its base on %d examples of %s", model_uri, task.name,
+                 len(sentences), eval_source)
 
         with step_run(ENTRY_POINT, args) as active:
             run_id = active.info.run_id
-            dataset = eval_dataset(ds.to_pandas(), eval_source)
+            dataset = eval_dataset(table, eval_source)
             mlflow.log_input(dataset, context="evaluation")
 
             cand, cand_rows = evaluation.score(
-                expected, evaluation.generate_timed(extractor, sentences, desc="candidate", **gen), "")
+                expected, evaluation.generate_timed(extractor, sentences, desc="candidate", **gen), "", task)
             # One model in memory at a time: the candidate goes before the base loads.
             del extractor
             gc.collect()
             with serving.loading(options):
                 base_ext = evaluation.load_base(base_arts)
+            if args.system_prompt:
+                base_ext.system_prompt = args.system_prompt
             base, base_rows = evaluation.score(
-                expected, evaluation.generate_timed(base_ext, sentences, desc="base", **gen), "")
+                expected, evaluation.generate_timed(base_ext, sentences, desc="base", **gen), "", task)
             del base_ext
             gc.collect()
 
             run_metrics = {f"candidate.{k}": v for k, v in cand.items()}
             run_metrics.update({f"base.{k}": v for k, v in base.items()})
-            run_metrics["eval_examples"] = len(ds)
+            run_metrics["eval_examples"] = len(sentences)
             mlflow.log_metrics(run_metrics, dataset=dataset)
             model_metrics = dict(cand)
             model_metrics.update({f"base_{k}": v for k, v in base.items()})
             if model_id:
                 mlflow.log_metrics(model_metrics, model_id=model_id, dataset=dataset)
                 mlflow.MlflowClient().set_logged_model_tags(model_id, {artifacts.EVAL_RUN_TAG: run_id})
-            mlflow.log_table(evaluation.eval_table(sentences, expected, cand_rows, base_rows),
+            mlflow.log_table(evaluation.eval_table(sentences, expected, cand_rows, base_rows, task.name),
                              artifacts.EVAL_TABLE_FILE)
-            mlflow.set_tags({"eval.data": eval_source, "eval.model": model_uri})
+            mlflow.set_tags({"eval.data": eval_source, "eval.model": model_uri, "eval.task": task.name,
+                             "eval.primary_metric": task.primary_metric})
             artifacts.set_outputs(mlflow.MlflowClient(), run_id,
                                   {artifacts.MODEL_OUTPUT: artifacts.model_uri(model_id) if model_id
                                    else model_uri})
-    log.info("slot F1: candidate %.3f, base %.3f (exact match %.3f vs %.3f; %d examples)",
-             cand["slot_f1"], base["slot_f1"], cand["exact_match"], base["exact_match"], len(ds))
+    key = task.primary_metric
+    log.info("%s: candidate %.3f, base %.3f (%d examples)", key, cand[key], base[key], len(sentences))
     return Result(run_id=run_id, model_uri=model_uri, model_id=model_id, eval_data=eval_source,
-                  examples=len(ds), candidate=cand, base=base)
+                  examples=len(sentences), candidate=cand, base=base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

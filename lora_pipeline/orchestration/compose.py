@@ -67,7 +67,8 @@ PIPELINE: tuple[StepSpec, ...] = (
              wiring={"model_uri": (("log_reference", "model"),)},
              # the held-out split finetune did not train on, unless the user names an eval set
              fill_if_empty={"eval_data": ("finetune", "validation_data")},
-             key_metrics=("candidate.slot_f1", "slot_f1")),
+             # each task's primary metric (e2e, json, text): the one a run has is shown
+             key_metrics=("candidate.slot_f1", "candidate.field_f1", "candidate.rouge_l", "slot_f1")),
     StepSpec("persist_and_register",
              wiring={"model_uri": (("evaluate_checkpoint", "model"), ("log_reference", "model"))}),
 )

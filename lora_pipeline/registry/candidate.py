@@ -27,6 +27,14 @@ class Candidate:
         return self.model.model_id
 
     @property
+    def primary_metric(self) -> str:
+        """The primary metric of the task the model was trained for (its MLmodel metadata `task`,
+        written with task.json; none: e2e): the default gate metric."""
+        from lora_pipeline.task.tasks import DEFAULT_TASK, get_task
+
+        return get_task(str((self.mlmodel.get("metadata") or {}).get("task") or DEFAULT_TASK)).primary_metric
+
+    @property
     def uri(self) -> str:
         return artifacts.model_uri(self.model.model_id)
 

@@ -270,11 +270,16 @@ def split_by_mr(ds, validation_fraction: float, seed: int, *, field: str = "vali
     return ds.select(train_idx), ds.select(val_idx)
 
 
-def to_mlflow_dataset(ds, source: str, revision: str = "", name: str | None = None):
-    """An MLflow dataset (for `mlflow.log_input`) of exactly the examples used, with its digest."""
+def to_mlflow_dataset(ds, source: str, revision: str = "", name: str | None = None, *,
+                      location: str = ""):
+    """An MLflow dataset (for `mlflow.log_input`) of exactly the examples used, with its digest.
+
+    `location`: where the source was resolved to already (formats.py reads files this module does
+    not, e.g. Parquet); a Hub id resolves the same either way."""
     import mlflow.data
 
-    src = resolve_source(source, revision)
+    src = (Source("local", location) if location and Path(location).is_file()
+           else resolve_source(source, revision))
     df = ds.to_pandas()
     if src.kind == "hub":
         from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource

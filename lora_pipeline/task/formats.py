@@ -26,6 +26,7 @@ MR for E2E data) or rows, deterministically for a seed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -60,6 +61,18 @@ class DataArgs:
     group_column: str = param("", "keep rows with the same value of this column on one side of the "
                                   "validation split (empty: by row; E2E data: by MR)")
     system_prompt: str = param("", "system prompt in front of every conversation (empty: the task's own)")
+
+
+def data_param(name: str) -> Any:
+    """A step's `Args` field for the data parameter `name`, with DataArgs' default and help, so an
+    entry point that reads examples declares it by name and the two cannot drift apart."""
+    f = next(f for f in dataclasses.fields(DataArgs) if f.name == name)
+    return param(f.default, f.metadata["help"])
+
+
+def data_args(args: Any) -> DataArgs:
+    """The DataArgs part of a step's Args."""
+    return DataArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DataArgs)})
 
 
 def check_args(a: DataArgs, problems: Problems) -> None:
@@ -396,6 +409,17 @@ def _where(indices: list[int], lines: list[int] | None) -> str:
 
 
 # --- after loading -------------------------------------------------------------------------------
+def to_record(ex: Example) -> dict[str, str]:
+    """An example as a flat row (turns and targets as JSON text): the staged splits and the logged
+    held-out file, which `to_examples` reads back as messages data, and which MLflow can digest."""
+    return {"messages": json.dumps(ex.messages, ensure_ascii=False), "targets": json.dumps(ex.targets),
+            "group": "" if ex.group is None else ex.group}
+
+
+def from_record(rec: dict) -> Example:
+    return Example(json.loads(rec["messages"]), json.loads(rec["targets"]), group=rec.get("group") or None)
+
+
 def split(examples: list[Example], validation_fraction: float, seed: int, *, unit: str = "row",
           field: str = "validation_fraction") -> tuple[list[Example], list[Example]]:
     """(train, validation), holding out whole groups (or rows); deterministic for a seed.

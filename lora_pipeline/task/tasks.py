@@ -18,6 +18,7 @@ from lora_pipeline.task.json_task import JsonTask
 from lora_pipeline.task.text_task import TextTask
 
 DEFAULT_TASK = "e2e"
+TASK_SPEC_VERSION = 1
 TASKS: dict[str, type[Task]] = {t.name: t for t in (E2ETask, JsonTask, TextTask)}
 
 
@@ -30,3 +31,19 @@ def get_task(name: str, *, field: str = "task") -> Task:
     hint = f"did you mean {close[0]}? " if close else ""
     raise InputError(Problem(field, name, "is not a task",
                              f"{hint}pass one of: {', '.join(TASKS)}"))
+
+
+def task_spec(name: str, system_prompt: str = "") -> dict[str, object]:
+    """What a logged model records about its task (`task.json`): the task's name and the system
+    prompt its training conversations started with (empty `system_prompt`: the task's own)."""
+    task = get_task(name)
+    return {"version": TASK_SPEC_VERSION, "task": task.name,
+            "system_prompt": system_prompt or task.system_prompt}
+
+
+def task_from_spec(spec: dict | None) -> tuple[Task, str | None]:
+    """(task, system prompt) of a logged model's `task.json`; no spec (a model logged before tasks
+    existed) is the e2e task with its own prompt."""
+    if not spec:
+        return get_task(DEFAULT_TASK), None
+    return get_task(str(spec.get("task", DEFAULT_TASK))), spec.get("system_prompt")

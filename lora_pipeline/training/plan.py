@@ -1,6 +1,9 @@
 """`Plan`: everything validated and staged before training, JSON so that torchrun ranks read the same.
 
-`stage` turns checked inputs into a plan: it splits the examples by MR, resolves the pinned base,
+`load_data` reads the training data: E2E mr/ref files for task=e2e as the pipeline always has
+(lora_pipeline/task/data.py, the pinned figures), anything else through lora_pipeline/task/formats.py.
+`stage` turns checked inputs into a plan: it splits the examples (by MR, by `group_column`, or by
+row), resolves the pinned base,
 checks that the target modules exist and that no example is longer than `max_seq_length`, rebuilds
 the checkpoint to resume from, and writes the splits into a work dir the caller removes afterwards.
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.errors import Problems
+from lora_pipeline.errors import InputError, Problem, Problems
 from lora_pipeline.training.resume import Checkpoint, ResumePoint, download_resume
 
 log = logging.getLogger(__name__)
@@ -34,9 +37,11 @@ class Plan:
     manifest_json: str
     base_dir: str
     work_dir: str
-    all_path: str  # JSONL (mr, ref): every example used (logged as the run's dataset input)
-    train_path: str  # JSONL (mr, ref): the training split
-    validation_path: str  # JSONL (mr, ref): the held-out split
+    # JSONL: (mr, ref) rows for task=e2e; (messages, targets, group) rows as JSON text otherwise
+    # (formats.to_record), which evaluate_checkpoint reads back as messages data.
+    all_path: str  # every example used (logged as the run's dataset input)
+    train_path: str  # the training split
+    validation_path: str  # the held-out split
     dataset_source: str  # resolved location (file path or Hub id)
     n_train_mrs: int
     n_validation_mrs: int
@@ -108,17 +113,99 @@ def check_hardware(args: Any, problems: Problems) -> dict[str, Any] | None:
     return {"device": device, "precision": resolve_precision(args.precision, device, hw=hw), "hw": hw}
 
 
-def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, problems: Problems,
+# The finetune parameters that say what the data is (formats.DataArgs) and how the e2e path reads it.
+DATA_FIELDS = frozenset({"task", "data_format", "prompt_column", "completion_column", "messages_column",
+                         "group_column", "system_prompt", "skip_malformed", "dataset", "dataset_revision"})
+
+
+@dataclass
+class TrainingData:
+    """The training data as read: `ds` + `report` (E2E mr/ref through data.py) or `loaded`."""
+
+    ds: Any = None  # datasets.Dataset (mr, ref)
+    report: Any = None  # data.LoadReport
+    loaded: Any = None  # formats.Loaded
+
+    @property
+    def source_location(self) -> str:
+        return self.report.source.location if self.report is not None else self.loaded.source.location
+
+
+def load_data(args: Any) -> TrainingData:
+    """Read and check the training data; InputError with every bad row otherwise.
+
+    task=e2e on mr/ref data without a group_column keeps the path every E2E run has taken (data.py:
+    skip_malformed, the split by MR), so its figures do not move; other layouts of E2E data (e.g.
+    prompt/completion Parquet) and the other tasks go through formats.py.
+    """
+    from lora_pipeline.task import data, formats
+    from lora_pipeline.task.tasks import get_task
+
+    task = get_task(args.task)
+    da = formats.data_args(args)
+    if task.name == "e2e" and da.data_format in ("auto", "e2e") and not da.group_column.strip():
+        try:
+            ds, report = data.load_examples_report(args.dataset, args.dataset_revision,
+                                                   skip_malformed=args.skip_malformed)
+            return TrainingData(ds=ds, report=report)
+        except InputError as err:
+            if da.data_format == "e2e":
+                raise
+            e2e_error = err
+        try:
+            return TrainingData(loaded=formats.load(args.dataset, args.dataset_revision, task=task, args=da))
+        except InputError:
+            raise e2e_error from None  # the mr/ref reader's message is the more specific one
+    return TrainingData(loaded=formats.load(args.dataset, args.dataset_revision, task=task, args=da))
+
+
+def _e2e_rows(examples: list, field: str = "dataset") -> list[dict[str, str]]:
+    """E2E examples read by formats.py as the (mr, ref) rows the e2e training path takes."""
+    bad = [ex.row for ex in examples if len(ex.messages) != 2 or ex.messages[0]["role"] != "user"]
+    if bad:
+        raise InputError(Problem(field, f"{len(bad)} rows", "task=e2e takes one sentence and one MR per "
+                                 f"row; rows {', '.join(map(str, bad[:5]))} are conversations",
+                                 "use task=json or text for conversations, or one user turn and its MR"))
+    return [{"mr": ex.completion, "ref": ex.messages[0]["content"]} for ex in examples]
+
+
+def split_data(args: Any, td: TrainingData):
+    """(all, train, validation) as datasets.Dataset, and the distinct groups on each side."""
+    import datasets
+
+    from lora_pipeline.task import data, formats
+    from lora_pipeline.task.tasks import get_task
+
+    if td.ds is not None:
+        train, val = data.split_by_mr(td.ds, args.validation_fraction, args.seed)
+        return td.ds, train, val, distinct_mrs(train), distinct_mrs(val)
+    examples = td.loaded.examples
+    train_ex, val_ex = formats.split(examples, args.validation_fraction, args.seed, unit=td.loaded.unit)
+
+    def groups(part: list) -> int:
+        return len({ex.group if ex.group is not None else ("row", ex.row) for ex in part})
+
+    if get_task(args.task).name == "e2e":
+        to_rows = _e2e_rows
+    else:
+        def to_rows(part: list) -> list[dict[str, str]]:
+            return [formats.to_record(ex) for ex in part]
+    return (datasets.Dataset.from_list(to_rows(examples)), datasets.Dataset.from_list(to_rows(train_ex)),
+            datasets.Dataset.from_list(to_rows(val_ex)), groups(train_ex), groups(val_ex))
+
+
+def stage(args: Any, td: TrainingData, manifest, resume_target: Checkpoint | None, problems: Problems,
           hardware: dict[str, Any] | None = None) -> Plan:
     """Split, check against the base and write out checked inputs; raises `InputError` with every
     problem found here (and any already in `problems`). `hardware`: `check_hardware`'s decisions,
     completed here with the weight dtype (which needs the base's config) into `Plan.extra`."""
     from lora_pipeline.model import device as dev
     from lora_pipeline.model.serving import load_tokenizer, resolve_base
-    from lora_pipeline.task import data
-    from lora_pipeline.training.trainer_utils import encode_example
+    from lora_pipeline.task.tasks import get_task
+    from lora_pipeline.training.trainer_utils import example_length
 
-    train, val = data.split_by_mr(ds, args.validation_fraction, args.seed)
+    ds, train, val, n_train_groups, n_val_groups = split_data(args, td)
+    task = get_task(args.task)
     work = Path(tempfile.mkdtemp(prefix="finetune-"))
     try:
         base_dir = resolve_base(manifest)
@@ -130,8 +217,8 @@ def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, pro
                                       problems=problems)
             extra = {"device": hardware["device"], "precision": hardware["precision"], "dtype": dtype}
         tok = load_tokenizer(base_dir)
-        lengths = [encode_example(tok, r, m)["length"] for r, m in
-                   zip(list(train["ref"]) + list(val["ref"]), list(train["mr"]) + list(val["mr"]), strict=True)]
+        lengths = [example_length(tok, row, task, args.system_prompt or None)
+                   for part in (train, val) for row in part]
         too_long = sum(n > args.max_seq_length for n in lengths)
         if too_long:
             problems.add("max_seq_length", args.max_seq_length,
@@ -150,9 +237,10 @@ def stage(args: Any, ds, report, manifest, resume_target: Checkpoint | None, pro
         return Plan(
             args=args, manifest_json=manifest.to_json(), base_dir=str(base_dir),
             work_dir=str(work), all_path=str(paths["all"]), train_path=str(paths["train"]),
-            validation_path=str(paths["validation"]), dataset_source=report.source.location,
-            n_train_mrs=distinct_mrs(train), n_validation_mrs=distinct_mrs(val),
-            rows_skipped=report.rows_skipped, longest_tokens=max(lengths), resume=resume, extra=extra,
+            validation_path=str(paths["validation"]), dataset_source=td.source_location,
+            n_train_mrs=n_train_groups, n_validation_mrs=n_val_groups,
+            rows_skipped=td.report.rows_skipped if td.report is not None else 0, longest_tokens=max(lengths),
+            resume=resume, extra=extra,
         )
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

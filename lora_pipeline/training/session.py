@@ -139,14 +139,16 @@ def build(plan: Plan) -> Parts:
     from peft import LoraConfig, TaskType, get_peft_model
 
     from lora_pipeline.model import serving
+    from lora_pipeline.task.tasks import get_task
     from lora_pipeline.training.trainer_utils import tokenize_examples
 
     a = plan.args
+    task, system_prompt = get_task(a.task), a.system_prompt or None
     base_dir = Path(plan.base_dir)
     tok = serving.load_tokenizer(base_dir)
     tok.padding_side = "right"  # training batches; generation (serving) pads left
     train_raw, val_raw = load_split(plan.train_path), load_split(plan.validation_path)
-    if a.augment_fraction > 0:
+    if a.augment_fraction > 0 and task.supports_augmentation:
         train_raw = augment_rows(train_raw, a.augment_fraction, a.seed)
     torch.manual_seed(a.seed)  # LoRA A matrices are initialised from the global RNG
     lora_config = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
@@ -154,8 +156,10 @@ def build(plan: Plan) -> Parts:
     model = get_peft_model(load_base_model(plan), lora_config)
     return Parts(model=model, tokenizer=tok, lora_config=lora_config, train_raw=train_raw,
                  validation_raw=val_raw,
-                 train=tokenize_examples(train_raw, tok, desc="tokenizing train"),
-                 validation=tokenize_examples(val_raw, tok, desc="tokenizing validation"))
+                 train=tokenize_examples(train_raw, tok, desc="tokenizing train", task=task,
+                                         system_prompt=system_prompt),
+                 validation=tokenize_examples(val_raw, tok, desc="tokenizing validation", task=task,
+                                              system_prompt=system_prompt))
 
 
 def load_base_model(plan: Plan):
@@ -212,6 +216,7 @@ def train(plan: Plan, *, callbacks: Sequence[Any] = ()) -> Result:
 
     from lora_pipeline.base.manifest import Manifest
     from lora_pipeline.model import serving
+    from lora_pipeline.task.tasks import task_spec
     from lora_pipeline.tracking.runs import step_run
     from lora_pipeline.training.trainer_utils import (
         AnswerCollator,
@@ -248,6 +253,7 @@ def train(plan: Plan, *, callbacks: Sequence[Any] = ()) -> Result:
             info = serving.log_e2e_model(
                 name=artifacts.checkpoint_model_name(step), manifest=manifest, adapter_dir=adapter_dir,
                 trainer_state_dir=state_dir, step=step, with_input_example=False,
+                task_spec=task_spec(a.task, a.system_prompt),
                 tags={artifacts.CHECKPOINT_STEP_TAG: str(step)})
             return info.model_id
 
@@ -285,9 +291,11 @@ def log_inputs(plan: Plan, a: Any, targs, lora_config, train_raw, val_raw, world
 
     mlflow.log_params(flat_params(plan, targs, lora_config, len(train_raw), len(val_raw), world))
     name = Path(plan.dataset_source).name
-    ds = data.to_mlflow_dataset(load_split(plan.all_path), a.dataset, a.dataset_revision, name=name)
+    ds = data.to_mlflow_dataset(load_split(plan.all_path), a.dataset, a.dataset_revision, name=name,
+                                location=plan.dataset_source)
     mlflow.log_input(ds, context="training")
-    held_out = data.to_mlflow_dataset(val_raw, a.dataset, a.dataset_revision, name=f"{name}:validation")
+    held_out = data.to_mlflow_dataset(val_raw, a.dataset, a.dataset_revision, name=f"{name}:validation",
+                                      location=plan.dataset_source)
     mlflow.log_input(held_out, context="validation")
     mlflow.set_tag(artifacts.DATASET_DIGEST_TAG, ds.digest)
     # The held-out MRs, so evaluation scores exactly what training never saw.

@@ -2,7 +2,8 @@
 
   * `tokenize_examples`: prompt (the model's chat template, `e2e.format_prompt`) + answer (the
     normalised MR, `e2e.answer_text`); labels are -100 on the prompt, so the loss counts answer
-    tokens only.
+    tokens only. Other tasks' rows are conversations (`encode_conversation`): every assistant turn
+    is a target, everything else (system prompt, user turns, the template's markup) is masked.
   * `AnswerCollator`: right padding (training; `serving.load_tokenizer` pads left for generation).
   * `AnswerOnlyTrainer`: computes the LM head only at answer positions. The head of a small model is
     a large part of its compute (SmolLM2-135M: vocabulary 49,152 x hidden 576 = 28M of its 135M
@@ -53,9 +54,57 @@ def encode_example(tokenizer, sentence: str, mr: str) -> dict[str, list[int]]:
             "length": len(prompt) + len(answer)}
 
 
-def tokenize_examples(ds, tokenizer, *, desc: str = "tokenizing"):
-    """`mr`, `ref` -> `input_ids`, `labels`, `length` (one row per example, no truncation)."""
-    return ds.map(lambda row: encode_example(tokenizer, row["ref"], row["mr"]),
+def encode_conversation(tokenizer, task, messages: list[dict[str, str]], targets: list[bool]
+                        ) -> dict[str, list[int]]:
+    """A whole conversation (system prompt included, `Task.conversation`) as one sequence whose
+    labels cover the assistant turns only.
+
+    Each target turn is its prompt (the chat template up to that turn, with the generation prompt:
+    what serving and evaluation render) followed by `task.answer_text` (answer + end of sequence),
+    both tokenized apart as `encode_example` does. The text between one answer and the next prompt
+    (the template's markup, the next user turn) is context. A template that does not render earlier
+    turns the same way again (or a base without one) cannot be cut like that: then only the last
+    answer is a target, with the earlier turns as its context.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the text `ids` holds so far
+    for i, (turn, is_target) in enumerate(zip(messages, targets, strict=True)):
+        if not is_target:
+            continue
+        if has_template:
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = "\n".join(m["content"] for m in messages[:i]) + "\n" + task.plain_answer_cue
+        if not prompt.startswith(done):
+            ids, labels, done = [], [], ""
+        context = tokenizer(prompt[len(done):], add_special_tokens=False)["input_ids"]
+        answer_str = task.answer_text(tokenizer, turn["content"])
+        answer = tokenizer(answer_str, add_special_tokens=False)["input_ids"]
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        done = prompt + answer_str
+    return {"input_ids": ids, "labels": labels, "length": len(ids)}
+
+
+def encode_row(tokenizer, row: dict, task=None, system_prompt: str | None = None) -> dict[str, list[int]]:
+    """One staged row (lora_pipeline/training/plan.py): `mr`, `ref` for e2e, else a conversation."""
+    if "messages" not in row:
+        return encode_example(tokenizer, row["ref"], row["mr"])
+    from lora_pipeline.task.formats import from_record
+
+    messages, targets = task.conversation(from_record(row), system_prompt)
+    return encode_conversation(tokenizer, task, messages, targets)
+
+
+def example_length(tokenizer, row: dict, task=None, system_prompt: str | None = None) -> int:
+    return encode_row(tokenizer, row, task, system_prompt)["length"]
+
+
+def tokenize_examples(ds, tokenizer, *, desc: str = "tokenizing", task=None, system_prompt: str | None = None):
+    """Staged rows -> `input_ids`, `labels`, `length` (one row per example, no truncation)."""
+    return ds.map(lambda row: encode_row(tokenizer, row, task, system_prompt),
                   remove_columns=ds.column_names, desc=desc)
 
 

@@ -112,7 +112,7 @@ def _bad(tmp_path: Path, tiny: Path, kind: str) -> Path:
         ("no_weights", r"^model='.*no_weights': directory .* has no weights \(\*\.safetensors\); fix: save the checkpoint"),
         ("pickle_only", r"^allow_pickle=False: directory .* has only pickle weights .*; fix: convert them to safetensors, or pass allow_pickle=true"),
         ("no_tokenizer", r"^model='.*no_tokenizer': directory .* has no tokenizer .*; fix: save the tokenizer"),
-        ("not_causal", r"^task='text-generation': architecture BertForMaskedLM cannot do text-generation .*; fix: choose a causal LM base"),
+        ("not_causal", r"^pipeline_task='text-generation': architecture BertForMaskedLM cannot do text-generation .*; fix: choose a causal LM base"),
         ("remote_code", r"^trust_remote_code=False: LlamaForCausalLM needs custom code .*; fix: pass trust_remote_code=true only if you trust"),
     ],
 )
@@ -136,7 +136,7 @@ def test_pickle_weights_accepted_only_when_allowed(tracking, tiny_model_dir, tmp
         (ds.Args(model="./does-not-exist"), r"^model='\./does-not-exist': no such directory; fix: pass an existing checkpoint directory"),
         (ds.Args(model="missing.gguf"), r"^model='missing\.gguf': no such \.gguf file; fix: check the path"),
         (ds.Args(model="not a repo id!"), r"^model='not a repo id!': is neither a Hub repo id .*; fix: pass one of those"),
-        (ds.Args(task="summarization"), r"^task='summarization': is not supported; fix: use one of: text-generation"),
+        (ds.Args(pipeline_task="summarization"), r"^pipeline_task='summarization': is not supported; fix: use one of: text-generation"),
         (ds.Args(model="org/name", revision="g" * 40), r"^revision='g{40}': looks like a commit SHA but is not 40 hex digits"),
         (ds.Args(hub_retries=-1), r"^hub_retries=-1: must be >= 0; fix: pass a number >= 0"),
     ],
@@ -149,9 +149,9 @@ def test_bad_arguments(tracking, args, pattern):
 
 def test_all_problems_reported_at_once(tracking):
     with pytest.raises(InputError) as info:
-        ds.run(ds.Args(model="missing.gguf", task="summarization", hub_retries=-2, hub_backoff_s=-1.0))
+        ds.run(ds.Args(model="missing.gguf", pipeline_task="summarization", hub_retries=-2, hub_backoff_s=-1.0))
     fields = [p.field for p in info.value.problems]
-    assert fields == ["task", "hub_retries", "hub_backoff_s", "model"]
+    assert fields == ["pipeline_task", "hub_retries", "hub_backoff_s", "model"]
 
 
 def test_unreadable_gguf_is_refused(tracking, tmp_path):
@@ -163,10 +163,10 @@ def test_unreadable_gguf_is_refused(tracking, tmp_path):
 
 
 def test_cli_prints_one_line_per_problem_and_exits_2(tracking, capsys):
-    code = ds.main(["--model", "missing.gguf", "--task", "summarization"])
+    code = ds.main(["--model", "missing.gguf", "--pipeline_task", "summarization"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [
-        "error: task='summarization': is not supported; fix: use one of: text-generation",
+        "error: pipeline_task='summarization': is not supported; fix: use one of: text-generation",
         "error: model='missing.gguf': no such .gguf file; fix: check the path",
     ]

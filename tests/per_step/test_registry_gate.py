@@ -141,7 +141,7 @@ def test_unknown_model_uri(tracking, capsys):
 
 def test_all_input_problems_are_reported_at_once(tracking):
     with pytest.raises(InputError) as info:
-        par.run(par.Args(model_uri="runs:/abc/model", registered_name="team/e2e", gate_metric="",
+        par.run(par.Args(model_uri="runs:/abc/model", registered_name="team/e2e", gate_metric="f1!",
                          gate_margin=-0.5))
     assert [p.field for p in info.value.problems] == ["model_uri", "registered_name", "gate_metric",
                                                       "gate_margin"]

@@ -57,8 +57,8 @@ CASES = [
       r"^model='.*broken\.gguf': .*broken\.gguf: unsupported GGUF version 0 \(readable: 2 and 3\); re-export it "
       r"with a current llama\.cpp .*" + FIX
       + r"pass a readable \.gguf file"),
-    C("ds-task-unsupported", "download_snapshot", "--model {tiny} --task summarization",
-      r"^task='summarization': is not supported" + FIX + "use one of: text-generation"),
+    C("ds-task-unsupported", "download_snapshot", "--model {tiny} --pipeline_task summarization",
+      r"^pipeline_task='summarization': is not supported" + FIX + "use one of: text-generation"),
     C("ds-retries-negative", "download_snapshot", "--model {tiny} --hub_retries -1",
       r"^hub_retries=-1: must be >= 0" + FIX),
     C("ds-revision-bad-sha", "download_snapshot", ("--model", "org/name", "--revision", "g" * 40),
@@ -72,7 +72,7 @@ CASES = [
     C("ds-no-tokenizer", "download_snapshot", "--model {no_tokenizer_dir}",
       r"^model='.*': directory .* has no tokenizer \(tokenizer\.json / tokenizer_config\.json\)" + FIX),
     C("ds-not-causal", "download_snapshot", "--model {not_causal_dir}",
-      r"^task='text-generation': architecture BertForMaskedLM cannot do text-generation \(it is not a "
+      r"^pipeline_task='text-generation': architecture BertForMaskedLM cannot do text-generation \(it is not a "
       r"causal language model\)" + FIX),
     C("ds-no-weights", "download_snapshot", "--model {no_weights_dir}",
       r"^model='.*': directory .* has no weights \(\*\.safetensors\)" + FIX),
