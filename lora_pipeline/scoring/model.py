@@ -86,8 +86,12 @@ def resolve(uri: str) -> ScoringModel:
                        "from it)", "log the model with a signature (the pipeline's models have one)")
     inputs = sig.inputs.input_names() if sig.inputs is not None and sig.inputs.has_input_names() else []
     if len(inputs) != 1:
+        # A json/text task model takes `prompt` or `messages` (both optional). mlflow 3.17's spark_udf
+        # fills the missing optional `messages` column with NaN, which its own schema check then refuses
+        # ("Expected data to be list or numpy array, got float"), so such models are refused here, up front.
         raise _problem(uri, f"takes input columns {inputs}; batch_score feeds it one text column",
-                       "pass a model of this pipeline (one input column, `prompt`)")
+                       "pass a model with one input column, `prompt` (an e2e task model; json and text "
+                       "task models are not batch-scored yet)")
     model.input_name = str(inputs[0])
     model.output_names = [str(n) for n in sig.outputs.input_names()]
     model.output_schema = sig.outputs

@@ -301,3 +301,23 @@ def test_a_model_that_fails_in_the_workers_is_one_line_and_publishes_nothing(spa
     assert not (tmp_path / "scored").exists() and not list(tmp_path.glob(".scored*"))
     (run,) = batch_score_runs(tracking)
     assert run.info.status == "FAILED"
+
+
+def test_a_json_task_model_is_refused_up_front_and_says_why(tracking, tiny_model_dir, tmp_path):
+    """A json/text task model takes `prompt` or `messages`; mlflow 3.17's spark_udf cannot feed it (it
+    fills the missing `messages` with NaN, then refuses its own input), so the step refuses it in one
+    line before Spark starts, naming what it scores."""
+    from test_tasks_pipeline import VENUES, _train
+
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for name in VENUES:
+            fh.write(json.dumps({"venue": name, "messages": [
+                {"role": "user", "content": f"{name} is a pub."},
+                {"role": "assistant", "content": json.dumps({"name": name})}]}) + "\n")
+    ref = _train(tracking, tiny_model_dir, data, task="json", group_column="venue")
+    pd.DataFrame({"id": [0], "prompt": ["Kobo is a pub."]}).to_parquet(tmp_path / "in.parquet")
+    with pytest.raises(InputError, match=r"takes input columns \['prompt', 'messages'\].*json and text task "
+                                         r"models are not batch-scored yet"):
+        bs.run(args(tmp_path / "in.parquet", tmp_path / "scored", model_uri=ref.model_uri))
+    assert not (tmp_path / "scored").exists()
