@@ -206,6 +206,7 @@ def main() -> None:
     if opts.augment_fraction is None:
         opts.augment_fraction = d.augment_fraction if opts.task == "e2e" else 0.0
     primary, keys = METRICS[opts.task]
+    label = primary.replace("_f1", " F1")  # slot F1, field F1
     # json: the rows as messages conversations; finetune splits them by MR (`group`) and scores JSON.
     convert = json_row if opts.task == "json" else (lambda r: r)
     task_args = {"task": "json", "group_column": "group"} if opts.task == "json" else {}
@@ -257,7 +258,7 @@ def main() -> None:
         per_seed.append({"seed": seed, "steps": ft.global_step, "best_step": ft.best_step,
                          "train_minutes": train_wall / 60, "candidate": ev.candidate, "base": ev.base})
         print(f"seed {seed}: {ft.global_step} steps in {train_wall / 60:.1f} min, best step {ft.best_step}; "
-              f"test {primary} {ev.candidate[primary]:.3f} (base zero-shot {ev.base[primary]:.3f})", flush=True)
+              f"test {label} {ev.candidate[primary]:.3f} (base zero-shot {ev.base[primary]:.3f})", flush=True)
 
     shots = random.Random(0).sample(splits["train"], opts.shots)
     few = few_shot_base(Path(snap.local_path), shots, test, task=opts.task,
@@ -266,7 +267,7 @@ def main() -> None:
     extra = {k: statistics.mean(s["candidate"][k] for s in per_seed) for k in keys}
     per_slot = {k: statistics.mean(s["candidate"][k] for s in per_seed)
                 for k in per_seed[0]["candidate"] if k.startswith(f"{primary}.")}
-    print(f"\ntest {primary} over seeds {opts.seeds}: {f1['mean']:.3f} ± {f1['sd']:.3f}; base zero-shot "
+    print(f"\ntest {label} over seeds {opts.seeds}: {f1['mean']:.3f} ± {f1['sd']:.3f}; base zero-shot "
           f"{per_seed[0]['base'][primary]:.3f}, base {opts.shots}-shot {few[primary]:.3f}")
     for k, v in per_slot.items():
         print(f"    {k:28s} {v:.3f}")
