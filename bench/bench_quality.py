@@ -100,18 +100,19 @@ def json_row(row: dict) -> dict:
             "group": normalise_mr(row["mr"]) or row["mr"]}
 
 
-def _time_budget_callback(seconds: float):
+def _time_budget_callback(seconds: float, stop_step: int = 0):
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
-        """Stops training once `seconds` of wall time have passed; the last step is saved."""
+        """Stops training once `seconds` of wall time have passed, or at step `stop_step` (> 0), with
+        the learning-rate schedule of `max_steps` unchanged; the last step is saved."""
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
             self.stopped_at = None
 
         def on_step_end(self, args, state, control, **kw):
-            if time.perf_counter() - self.t0 >= seconds:
+            if time.perf_counter() - self.t0 >= seconds or 0 < stop_step <= state.global_step:
                 control.should_training_stop = True
                 control.should_save = True
                 control.should_evaluate = True
@@ -187,6 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget per seed")
     parser.add_argument("--max_steps", type=int, default=400)
+    parser.add_argument("--stop_step", type=int, default=0,
+                        help="stop at this step as well (0: only the time budget), the schedule of max_steps kept: "
+                             "a budget in steps, for a machine that other jobs share (time would then differ)")
     parser.add_argument("--seeds", default="0,1,2")
     from steps.finetune import Args as FinetuneArgs
 
@@ -244,7 +248,7 @@ def main() -> None:
     snap = download_snapshot.run(download_snapshot.Args())
     per_seed = []
     for seed in [int(s) for s in opts.seeds.split(",")]:
-        budget = _time_budget_callback(opts.minutes * 60)
+        budget = _time_budget_callback(opts.minutes * 60, opts.stop_step)
         t0 = time.perf_counter()
         ft = finetune.run(finetune.Args(
             manifest_uri=snap.manifest_uri, dataset=str(trainval), validation_fraction=0.1, seed=seed,
