@@ -15,6 +15,10 @@ file is fsynced once when it is complete and only then renamed from `<name>.part
 and each destination directory is fsynced once at the end. A file under its final name is
 therefore complete and on disk; a crash leaves `.partial` files at most.
 
+With expected entries (a manifest's files), the same single read verifies the copy: a file of
+another size is refused before it is written, one whose sha256 differs never gets its name
+(persist_and_register's base copy).
+
 The destination is a local directory (a `file:` artifact location: `registry.persist.local_path_of`
 gives it). Remote stores cannot be written this way: hash with `manifest.describe_dir` and upload.
 """
