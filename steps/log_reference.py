@@ -10,7 +10,9 @@ Two ways in (exactly one):
   * `full_model_dir`: a plain local directory holding a complete checkpoint (config.json,
     safetensors weights, tokenizer). Logged file by file without loading the weights (the
     memory-efficient path): only the safetensors headers are read, to reject a truncated file
-    (lora_pipeline/model/full_checkpoint.py).
+    (lora_pipeline/model/full_checkpoint.py); with a local store each file is then read once, copied
+    straight into the model's artifacts and hashed on the way for `artifact_digests.json`
+    (serving.log_e2e_model).
 
 The base is never copied: the model stores the snapshot manifest (Hub repo id + commit, or the
 snapshot run's artifact URI, plus every file's sha256); loading resolves the base from it and checks

@@ -15,6 +15,10 @@ file is fsynced once when it is complete and only then renamed from `<name>.part
 and each destination directory is fsynced once at the end. A file under its final name is
 therefore complete and on disk; a crash leaves `.partial` files at most.
 
+With expected entries (a manifest's files), the same single read verifies the copy: a file of
+another size is refused before it is written, one whose sha256 differs never gets its name
+(persist_and_register's base copy).
+
 The destination is a local directory (a `file:` artifact location: `registry.persist.local_path_of`
 gives it). Remote stores cannot be written this way: hash with `manifest.describe_dir` and upload.
 """
@@ -64,19 +68,33 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
 
 
 start_writeback = _writeback_starter()
+# What a verified copy raises when a file differs from its expected entry: (source, entry, what differs).
+Mismatch = Callable[[Path, FileEntry, str], Exception]
 
 
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _default_mismatch(src: Path, want: FileEntry, what: str) -> Exception:
+    return StepError(f"{src} differs from its recorded size and digest ({what} recorded); copy it again "
+                     "from a good source")
+
+
 def copy_file_hashed(src: Path, dst: Path, *, chunk: int = COPY_CHUNK, durable: bool = True,
-                     on_progress: Callable[[int], None] | None = None) -> tuple[int, str]:
+                     on_progress: Callable[[int], None] | None = None, expect: FileEntry | None = None,
+                     mismatch: Mismatch | None = None) -> tuple[int, str]:
     """Copy `src` to `dst` (parents created), returning (size, sha256 of the bytes written).
 
     Written as `<dst>.partial` and renamed once complete (and fsynced, if `durable`); on any error
-    the partial file is removed. A source that changes size while it is copied is a StepError."""
+    the partial file is removed. A source that changes size while it is copied is a StepError.
+    With `expect` (the file's recorded size and sha256) the copy is verified by the same single read:
+    a source of another size is refused before anything is written, and a digest that differs
+    (a corrupt or modified source, a byte changed on the way) is raised as `mismatch(src, expect,
+    what)` before the file gets its name, so only verified files ever appear under their names."""
     size = src.stat().st_size
+    if expect is not None and size != expect.size:
+        raise (mismatch or _default_mismatch)(src, expect, f"size {size} != {expect.size}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + PARTIAL_SUFFIX)
     digest = hashlib.sha256()
@@ -105,13 +123,17 @@ def copy_file_hashed(src: Path, dst: Path, *, chunk: int = COPY_CHUNK, durable: 
             if copied != size or os.fstat(fin.fileno()).st_size != size:
                 raise StepError(f"{src} changed while it was copied ({size} bytes when the copy started, "
                                 f"{copied} copied); copy it again once nothing writes to it")
+            sha = digest.hexdigest()
+            if expect is not None and sha != expect.sha256:
+                raise (mismatch or _default_mismatch)(
+                    src, expect, f"sha256 {sha[:12]}… != {expect.sha256[:12]}…")
             if durable:
                 os.fsync(out_fd)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return size, digest.hexdigest()
+    return size, sha
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,14 +149,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def copy_tree_hashed(src_root: Path, dst_root: Path, names: Sequence[str], *, chunk: int = COPY_CHUNK,
-                     durable: bool = True, workers: int | None = None,
-                     on_progress: Callable[[int], None] | None = None) -> list[FileEntry]:
+def copy_tree_hashed(src_root: Path, dst_root: Path, names: Sequence[str] | None = None, *,
+                     chunk: int = COPY_CHUNK, durable: bool = True, workers: int | None = None,
+                     on_progress: Callable[[int], None] | None = None,
+                     expected: Sequence[FileEntry] | None = None,
+                     mismatch: Mismatch | None = None) -> list[FileEntry]:
     """Copy `names` (relative posix paths) from `src_root` to `dst_root`, each byte read once, and
     return their entries (path, size, sha256 of the bytes written) in `describe_dir`'s order, so a
-    manifest built from them is the one `describe_dir` would give. `workers` files at a time."""
+    manifest built from them is the one `describe_dir` would give. `workers` files at a time.
+
+    `expected` (entries with the sizes and digests the files must have; their paths are the names
+    when `names` is None) verifies each file in the same read (see `copy_file_hashed`): the first
+    file that differs raises `mismatch(src, entry, what)` (default: a StepError) and never gets its
+    name; files already verified stay, for the caller to keep or discard as a whole."""
     src_root, dst_root = Path(src_root), Path(dst_root)
+    want = {e.path: e for e in expected} if expected is not None else None
+    if names is None:
+        if want is None:
+            raise ValueError("copy_tree_hashed needs names or expected entries")
+        names = list(want)
     ordered = sorted(set(names), key=PurePosixPath)
+    if want is not None and (missing := [n for n in ordered if n not in want]):
+        raise ValueError(f"no expected entry for {', '.join(missing)}")
     for name in ordered:
         rel = PurePosixPath(name)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
@@ -143,7 +179,8 @@ def copy_tree_hashed(src_root: Path, dst_root: Path, names: Sequence[str], *, ch
 
     def one(name: str) -> FileEntry:
         size, sha = copy_file_hashed(src_root / name, dst_root / name, chunk=chunk, durable=durable,
-                                     on_progress=on_progress)
+                                     on_progress=on_progress, expect=want[name] if want else None,
+                                     mismatch=mismatch)
         return FileEntry(name, size, sha)
 
     n_workers = max(1, min(workers or default_workers(), len(ordered) or 1))

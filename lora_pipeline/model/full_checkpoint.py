@@ -2,7 +2,8 @@
 staged for logging without loading its weights (the memory-efficient path of log_reference).
 
 Only the safetensors headers are read, to reject a truncated file; the files are hard-linked (or
-copied by the OS) into the folder MLflow logs, never read into memory.
+copied by the OS) into the folder that gets logged, never read into memory. Logging
+(serving.log_e2e_model) then copies them once into a local store, hashing the bytes on the way.
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ def full_model_files(root: Path) -> list[Path]:
 
 def stage_full_model(root: Path, dst: Path) -> Path:
     """The folder to log: `root` itself when it holds only what serving needs, else `dst` with
-    hard links to those files (no optimizer states or pickles). Nothing is read into memory: MLflow
-    copies files with the OS's copy, page cache not process memory. (MLflow refuses symlinks.)"""
+    hard links to those files (no optimizer states or pickles). Nothing is read here, nor into
+    memory when logged (chunks of a few hundred KB at a time). (MLflow refuses symlinks, and a remote
+    store is still written by MLflow's own copy.)"""
     keep = full_model_files(root)
     if len(keep) == sum(1 for p in root.rglob("*") if p.is_file()):
         return root

@@ -648,7 +648,11 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
     """Log an `E2EExtractor` model into the active run; returns MLflow's ModelInfo.
 
     Weights are never loaded here: the adapter / checkpoint folders are copied file by file, so memory
-    stays flat however large the model (the memory-efficient path for full checkpoints).
+    stays flat however large the model (the memory-efficient path for full checkpoints). A full
+    checkpoint going to a local store is copied by this project straight into the model's artifact
+    location, hashed on the way (each byte read once, written once, fsynced), and listed in the
+    MLmodel; MLflow's own logging would read it three times (hash, copy into a temp model dir, copy
+    into the store) and write it twice.
     With an input example MLflow validates serving by loading the model and predicting once (seconds
     on a small base); training checkpoints skip it (`with_input_example=False`) so logging a
     checkpoint never stalls training on a full model load.
@@ -663,49 +667,121 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
 
     if (adapter_dir is None) == (full_model_dir is None):
         raise ValueError("log_e2e_model needs exactly one of adapter_dir / full_model_dir")
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = Path(tmp) / names.BASE_REF_ARTIFACT
-        ref.write_text(manifest.to_json())
-        arts = {names.BASE_REF_ARTIFACT: str(ref)}
-        if adapter_dir is not None:
-            arts[names.ADAPTER_ARTIFACT] = str(adapter_dir)
-        if full_model_dir is not None:
-            arts[names.FULL_MODEL_ARTIFACT] = str(full_model_dir)
-        if trainer_state_dir is not None:
-            arts[names.TRAINER_STATE_ARTIFACT] = str(trainer_state_dir)
-        if persisted_base_dir is not None:
-            arts[names.PERSISTED_BASE_ARTIFACT] = str(persisted_base_dir)
-        if task_spec is not None:
-            spec_file = Path(tmp) / names.TASK_ARTIFACT
-            spec_file.write_text(json.dumps(task_spec, indent=1, sort_keys=True))
-            arts[names.TASK_ARTIFACT] = str(spec_file)
-        # Hashing reads the files once (an adapter: a few MB; a full checkpoint: ~0.5 s per GB).
-        digests = Path(tmp) / names.ARTIFACT_DIGESTS
-        digests.write_text(json.dumps(describe_artifacts(
-            {k: Path(v) for k, v in arts.items()}), indent=1, sort_keys=True))
-        arts[names.ARTIFACT_DIGESTS] = str(digests)
-        kwargs = dict(
-            name=name,
-            python_model=E2EExtractor(),
-            artifacts=arts,
-            code_paths=[str(PACKAGE_DIR)],
-            signature=signature(task_spec["task"] if task_spec else "e2e"),
-            input_example=(pd.DataFrame({"prompt": [INPUT_EXAMPLE_SENTENCE]})
-                           if with_input_example else None),
-            pip_requirements=pip_requirements(),
-            # Logged with every key at its default: MLflow lets a load-time config override only
-            # the keys the logged one has.
-            model_config=requests.ServingConfig().as_model_config(),
-            metadata={"base_reference": manifest.reference(), "base_source": manifest.source,
-                      "base_manifest_digest": manifest.digest(),
-                      **({"task": task_spec["task"]} if task_spec else {})},
-            step=step,
-            tags=tags,
-            params=params,
-        )
-        if validate_serving_input:
-            return mlflow.pyfunc.log_model(**kwargs)
-        # pyfunc.log_model has no switch for MLflow's serving check: the private part lives in one place.
-        from lora_pipeline.model.mlflow_private import log_pyfunc_without_serving_check
+    # A full checkpoint is written straight into a local store and hashed on the way (each byte read
+    # once), unless MLflow's serving check must load the model from the temp copy it makes.
+    place_full = full_model_dir is not None and not (validate_serving_input and with_input_example)
+    model = placed_dir = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ref = Path(tmp) / names.BASE_REF_ARTIFACT
+            ref.write_text(manifest.to_json())
+            arts = {names.BASE_REF_ARTIFACT: str(ref)}
+            if adapter_dir is not None:
+                arts[names.ADAPTER_ARTIFACT] = str(adapter_dir)
+            if trainer_state_dir is not None:
+                arts[names.TRAINER_STATE_ARTIFACT] = str(trainer_state_dir)
+            if persisted_base_dir is not None:
+                arts[names.PERSISTED_BASE_ARTIFACT] = str(persisted_base_dir)
+            if task_spec is not None:
+                spec_file = Path(tmp) / names.TASK_ARTIFACT
+                spec_file.write_text(json.dumps(task_spec, indent=1, sort_keys=True))
+                arts[names.TASK_ARTIFACT] = str(spec_file)
+            placed: dict[str, tuple[str, int]] = {}
+            recorded: dict[str, dict[str, dict[str, Any]]] = {}
+            if place_full:
+                model = _init_logged_model(name, tags, params)
+                placed_dir = _full_model_dest(model)  # before copying: a failed copy is removed
+                if placed_dir is not None:
+                    entries = _place_full_model(Path(full_model_dir), placed_dir)
+                    recorded[names.FULL_MODEL_ARTIFACT] = _digest_table(entries)
+                    placed[names.FULL_MODEL_ARTIFACT] = (str(full_model_dir), sum(e.size for e in entries))
+            if full_model_dir is not None and not placed:
+                arts[names.FULL_MODEL_ARTIFACT] = str(full_model_dir)
+            # Hashing reads the files MLflow copies once more (an adapter: a few MB; a full checkpoint
+            # only where it cannot be placed: a remote store, or MLflow's serving check).
+            recorded.update(describe_artifacts({k: Path(v) for k, v in arts.items()}))
+            digests = Path(tmp) / names.ARTIFACT_DIGESTS
+            digests.write_text(json.dumps(recorded, indent=1, sort_keys=True))
+            arts[names.ARTIFACT_DIGESTS] = str(digests)
+            kwargs = dict(
+                name=name,
+                python_model=E2EExtractor(),
+                artifacts=arts,
+                code_paths=[str(PACKAGE_DIR)],
+                signature=signature(task_spec["task"] if task_spec else "e2e"),
+                input_example=(pd.DataFrame({"prompt": [INPUT_EXAMPLE_SENTENCE]})
+                               if with_input_example else None),
+                pip_requirements=pip_requirements(),
+                # Logged with every key at its default: MLflow lets a load-time config override only
+                # the keys the logged one has.
+                model_config=requests.ServingConfig().as_model_config(),
+                metadata={"base_reference": manifest.reference(), "base_source": manifest.source,
+                          "base_manifest_digest": manifest.digest(),
+                          **({"task": task_spec["task"]} if task_spec else {})},
+                step=step,
+                tags=tags,
+                params=params,
+            )
+            if model is not None:
+                kwargs["model_id"] = model.model_id  # created with its tags and params already
+            if validate_serving_input and model is None:
+                return mlflow.pyfunc.log_model(**kwargs)
+            # pyfunc.log_model has no switch for MLflow's serving check: the private part lives in one
+            # place, with the listing of artifacts placed in the store beforehand.
+            from lora_pipeline.model.mlflow_private import log_pyfunc_without_serving_check
 
-        return log_pyfunc_without_serving_check(**kwargs)
+            return log_pyfunc_without_serving_check(placed_artifacts=placed or None, **kwargs)
+    except BaseException:
+        if model is not None:
+            _abandon(model.model_id, placed_dir)
+        raise
+
+
+def _digest_table(entries) -> dict[str, dict[str, Any]]:
+    return {e.path: {"size": e.size, "sha256": e.sha256} for e in entries}
+
+
+def _init_logged_model(name: str, tags: dict[str, str] | None, params: dict[str, Any] | None):
+    """A PENDING logged model in the active run, with the tags and params `pyfunc.log_model` gives the
+    models it creates itself (the run's params included)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    run_id = run.info.run_id if run else None
+    all_params = {**(params or {}), **(mlflow.MlflowClient().get_run(run_id).data.params if run_id else {})}
+    return mlflow.initialize_logged_model(
+        name=name, source_run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()} or None,
+        params={k: str(v) for k, v in all_params.items()})
+
+
+def _full_model_dest(model) -> Path | None:
+    """Where a full checkpoint goes in `model`'s local store; None where the store is not local."""
+    from lora_pipeline.registry.persist import local_path_of
+
+    local = local_path_of(model.artifact_location)
+    return None if local is None else local / names.MODEL_ARTIFACTS_DIR / names.FULL_MODEL_ARTIFACT
+
+
+def _place_full_model(src: Path, dst: Path) -> list:
+    """Copy the checkpoint's files to `dst`, hashing each byte as it is copied
+    (`transfer.copy_tree_hashed`: fsynced, complete files only under their names); their entries."""
+    from lora_pipeline.base.transfer import copy_tree_hashed
+
+    files = [p.relative_to(src).as_posix() for p in sorted(src.rglob("*"))
+             if p.is_file() and p.relative_to(src).parts[0] not in (".git", ".cache")]
+    log.info("copying %d full-model files into %s with their sha256", len(files), dst)
+    return copy_tree_hashed(src, dst, files)
+
+
+def _abandon(model_id: str, placed_dir: Path | None) -> None:
+    """A model whose logging failed: FAILED (if MLflow left it PENDING), its placed copy removed."""
+    import mlflow
+
+    if placed_dir is not None:
+        shutil.rmtree(placed_dir, ignore_errors=True)
+    try:
+        client = mlflow.MlflowClient()
+        if str(client.get_logged_model(model_id).status).endswith("PENDING"):
+            client.finalize_logged_model(model_id, "FAILED")
+    except Exception as err:  # the store itself failed: the model stays PENDING, never READY
+        log.warning("could not mark %s failed (%s: %s)", model_id, type(err).__name__, one_line(err))

@@ -1,21 +1,21 @@
 """Streaming, verified, atomic copy of a pinned base into a logged model's artifact location.
 
-Each base file is copied chunk by chunk (memory stays at a few chunks, whatever the model size), its
-destination is read back and hashed while the copy goes on, and it gets its final name only once
-its sha256 equals the manifest's. A file is therefore either complete and verified, or absent
-(a `.partial` file at most, which the caller discards with the rest of an unfinished model).
+Each base file is copied chunk by chunk (memory stays at a few chunks, whatever the model size) and
+gets its final name only once its sha256 equals the manifest's. A file is therefore either complete
+and verified, or absent (a `.partial` file at most, which the caller discards with the rest of an
+unfinished model).
 
-Local artifact stores (`file:` URIs and plain paths, MLflow's default) are written directly:
-  * the kernel copies each 8 MiB chunk (`os.copy_file_range`, what `cp` uses; no bytes pass through
-    Python), and a second thread reads the chunk back from the destination and hashes it, so hashing
-    (~1.1 GB/s with SHA-NI) overlaps the copy instead of adding to it;
-  * where the kernel cannot copy between the two files (another filesystem on old kernels), plain
-    `pread`/`pwrite` of the same chunks, with the same read-back hashing;
-  * `fsync` before the rename: a model marked READY has its bytes on disk (writeback of each chunk
-    starts right after it is copied, so the fsync costs little);
+Local artifact stores (`file:` URIs and plain paths, MLflow's default) are written directly by
+`transfer.copy_tree_hashed` with the manifest as the expected entries: each byte of the base is read
+once, hashed while it is still in the CPU cache and written (a separate read-back of the destination
+cost a second full read, and sha256 at ~1.8 GB/s per core was most of the time); a file whose size
+differs is refused before it is copied, one whose digest differs never gets its name;
+`fsync` before the rename (writeback of each chunk starts right after it is written, so the fsync
+costs little) and of each directory at the end: a model marked READY has its bytes on disk.
 Other stores (S3, `mlflow-artifacts:` through a tracking server, ...) get each file hashed at the
 source and uploaded by MLflow's artifact repository one file at a time (bounded memory; the
-repository streams the upload), then its size checked in the store.
+repository streams the upload), then its size checked in the store: two reads of each file, since
+MLflow's public artifact API uploads from a path and cannot hash what it reads.
 
 Test hook: `E2E_LORA_PERSIST_THROTTLE_S` (seconds) sleeps after every chunk, so a test can kill the
 process in the middle of a copy. Never set it in production.
@@ -23,32 +23,21 @@ process in the middle of a copy. Never set it in production.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lora_pipeline.base.manifest import CHUNK, FileEntry, Manifest, sha256_file
-from lora_pipeline.base.transfer import PARTIAL_SUFFIX, start_writeback
+from lora_pipeline.base.manifest import FileEntry, Manifest, sha256_file
+from lora_pipeline.base.transfer import PARTIAL_SUFFIX, copy_tree_hashed  # noqa: F401 (named by callers)
 from lora_pipeline.errors import StepError
 
 log = logging.getLogger(__name__)
 
 THROTTLE_ENV = "E2E_LORA_PERSIST_THROTTLE_S"
-# The copy may run at most this many chunks ahead of the read-back hash: 4 x 8 MiB of page cache
-# that is still hot when the hasher reads it, and no unbounded queue.
-_HASH_QUEUE = 4
-# errnos with which copy_file_range says "not between these two files": fall back to pread/pwrite.
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM,
-                   errno.ENOTSUP}
-_HAS_PREADV = hasattr(os, "preadv")
 
 
 def _throttle_s() -> float:
@@ -58,134 +47,20 @@ def _throttle_s() -> float:
         return 0.0
 
 
-class _ReadBackHasher:
-    """Hashes ranges of the destination file on a worker thread, in the order they were written."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._h = hashlib.sha256()
-        self._q: queue.Queue = queue.Queue(maxsize=_HASH_QUEUE)
-        self._err: BaseException | None = None
-        self._buf = bytearray(CHUNK)  # one reusable buffer: the hasher allocates nothing per chunk
-        self._thread = threading.Thread(target=self._work, name="persist-hash", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        view = memoryview(self._buf)
-        while (item := self._q.get()) is not None:
-            if self._err is not None:
-                continue  # drain the queue so the producer never blocks after a failure
-            offset, length = item
-            try:
-                done = 0
-                while done < length:
-                    if _HAS_PREADV:
-                        n = os.preadv(self._fd, [view[:length - done]], offset + done)
-                        data = view[:n]
-                    else:  # macOS: pread allocates a buffer per chunk, still bounded
-                        data = os.pread(self._fd, length - done, offset + done)
-                        n = len(data)
-                    if n <= 0:
-                        raise OSError(errno.EIO, f"short read back at offset {offset + done}")
-                    self._h.update(data)  # hashlib releases the GIL on large buffers
-                    done += n
-            except BaseException as err:  # reported to the copying thread by finish()
-                self._err = err
-
-    def submit(self, offset: int, length: int) -> None:
-        if self._err is not None:
-            raise self._err
-        self._q.put((offset, length))
-
-    def finish(self) -> str:
-        self._q.put(None)
-        self._thread.join()
-        if self._err is not None:
-            raise self._err
-        return self._h.hexdigest()
-
-    def abort(self) -> None:
-        if self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
-
-
-def _kernel_copy(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
-    done = 0
-    while done < length:
-        n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
-        if n == 0:
-            break  # the source ended early: the size check below names the file
-        done += n
-    return done
-
-
-def _user_copy(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
-    data = os.pread(src_fd, length, offset)
-    view, done = memoryview(data), 0
-    while done < len(data):
-        done += os.pwrite(dst_fd, view[done:], offset + done)
-    return done
-
-
 def _mismatch(entry: FileEntry, manifest: Manifest, what: str) -> StepError:
     return StepError(f"digest mismatch for base file {entry.path} of {manifest.reference()} while "
                      f"persisting: {what}; the stored base was modified or is corrupt, nothing was "
                      "registered: rerun download_snapshot (and the steps after it)")
 
 
-def copy_verified(src: Path, dst: Path, entry: FileEntry, manifest: Manifest,
-                  on_progress: Callable[[int], None] | None = None) -> None:
-    """Copy one base file to `dst` (local), verified against the manifest; atomic rename at the end."""
-    size = src.stat().st_size
-    if size != entry.size:
-        raise _mismatch(entry, manifest, f"size {size} != {entry.size} in the manifest")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + PARTIAL_SUFFIX)
-    throttle = _throttle_s()
-    copy = _kernel_copy if hasattr(os, "copy_file_range") else _user_copy
-    src_fd = os.open(src, os.O_RDONLY)
-    try:
-        dst_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        hasher = _ReadBackHasher(dst_fd)
-        try:
-            offset = 0
-            while offset < size:
-                length = min(CHUNK, size - offset)
-                try:
-                    n = copy(src_fd, dst_fd, offset, length)
-                except OSError as err:
-                    if copy is not _kernel_copy or err.errno not in _NO_KERNEL_COPY:
-                        raise
-                    log.debug("copy_file_range unavailable (%s); copying through user space", err)
-                    copy = _user_copy
-                    n = copy(src_fd, dst_fd, offset, length)
-                if n != length:
-                    raise _mismatch(entry, manifest, f"the source ended at byte {offset + n} of "
-                                    f"{entry.size}")
-                start_writeback(dst_fd, offset, n)
-                hasher.submit(offset, n)
-                offset += n
-                if on_progress:
-                    on_progress(n)
-                if throttle:
-                    time.sleep(throttle)
-            digest = hasher.finish()
-            os.fsync(dst_fd)
-        except BaseException:
-            hasher.abort()
-            raise
-        finally:
-            os.close(dst_fd)
-        if digest != entry.sha256:
-            raise _mismatch(entry, manifest, f"sha256 {digest[:12]}… != {entry.sha256[:12]}… in "
-                            "the manifest")
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(src_fd)
+def copy_verified_tree(src_root: Path, dst_root: Path, manifest: Manifest,
+                       on_progress: Callable[[int], None] | None = None) -> None:
+    """Copy every manifest file from `src_root` to `dst_root` (local), each byte read once and hashed
+    on the way (`transfer.copy_tree_hashed` with the manifest as the expected entries): a file gets
+    its name only once complete, fsynced and equal to the manifest; the first that differs is a
+    StepError naming it."""
+    copy_tree_hashed(src_root, dst_root, expected=manifest.files, on_progress=on_progress, durable=True,
+                     mismatch=lambda src, entry, what: _mismatch(entry, manifest, f"{what} in the manifest"))
 
 
 # --- destinations ------------------------------------------------------------------------------
@@ -229,10 +104,15 @@ def persist_files(src_root: Path, manifest: Manifest, artifact_location: str, pr
     start = time.perf_counter()
     with _progress_bar(manifest.total_bytes, "persist base") as bar:
         if local is not None:
-            root = local / prefix
-            for entry in manifest.files:
-                log.info("persisting %s (%.1f MB)", entry.path, entry.size / 1e6)
-                copy_verified(src_root / entry.path, root / entry.path, entry, manifest, bar.update)
+            log.info("persisting %d base files (%.1f MB)", len(manifest.files), manifest.total_bytes / 1e6)
+            throttle = _throttle_s()
+
+            def progress(n: int) -> None:
+                bar.update(n)
+                if throttle:  # test hook: after every chunk, so a test can kill a copy under way
+                    time.sleep(throttle)
+
+            copy_verified_tree(src_root, local / prefix, manifest, progress)
         else:
             _upload_files(src_root, manifest, artifact_location, prefix, bar.update)
     return PersistStats(len(manifest.files), manifest.total_bytes, time.perf_counter() - start)

@@ -162,6 +162,109 @@ def test_full_model_is_logged_file_by_file_without_loading(tracking, tiny_model_
         serving.load_causal_lm(ckpt)
 
 
+def test_full_model_files_are_read_once_and_their_digests_catch_a_flipped_byte(
+        tracking, tiny_model_dir, tmp_path, monkeypatch, no_weight_loading):
+    """Each checkpoint byte is read once (copied into the store and hashed on the way: no hashing
+    pass, no copy by MLflow); the digests recorded are those of the stored bytes, so the load-time
+    check passes on them and names a file whose byte was flipped afterwards."""
+    import hashlib
+    import io
+
+    from lora_pipeline.base import transfer
+
+    manifest_uri = snapshot(str(tiny_model_dir))
+    ckpt = shutil.copytree(tiny_model_dir, tmp_path / "checkpoint-7")
+    read: dict[str, int] = {}
+    real_open = open
+
+    class Counting(io.RawIOBase):
+        def __init__(self, f, name):
+            self._f, self._name = f, name
+
+        def readinto(self, b):
+            n = self._f.readinto(b)
+            read[self._name] = read.get(self._name, 0) + (n or 0)
+            return n
+
+        def fileno(self):
+            return self._f.fileno()
+
+        def close(self):
+            self._f.close()
+            super().close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Counting(f, Path(path).name) if "r" in mode else f
+
+    def no_second_read(*a, **k):
+        raise AssertionError("a full-model file was read apart from its copy")
+
+    real_describe = serving.describe_artifacts
+
+    def describe_without_full_model(dirs):
+        assert artifacts.FULL_MODEL_ARTIFACT not in dirs, "the full model was hashed in a second pass"
+        return real_describe(dirs)
+
+    monkeypatch.setattr(transfer, "open", counting_open, raising=False)
+    monkeypatch.setattr(serving, "describe_artifacts", describe_without_full_model)
+    monkeypatch.setattr(serving, "sha256_file", no_second_read)
+    res = lr.run(lr.Args(manifest_uri=manifest_uri, full_model_dir=str(ckpt)))
+    monkeypatch.undo()
+
+    sizes = {p.name: p.stat().st_size for p in ckpt.iterdir() if p.is_file()}
+    assert read == sizes  # every byte once, through the hashing copy
+    files = _logged_files(res.model_id)
+    prefix = f"{artifacts.MODEL_ARTIFACTS_DIR}/{artifacts.FULL_MODEL_ARTIFACT}/"
+    stored = {k.removeprefix(prefix): p for k, p in files.items() if k.startswith(prefix)}
+    assert set(stored) == set(sizes) and not [k for k in files if k.endswith(".partial")]
+    recorded = json.loads(files[f"{artifacts.MODEL_ARTIFACTS_DIR}/{artifacts.ARTIFACT_DIGESTS}"].read_text())
+    assert recorded[artifacts.FULL_MODEL_ARTIFACT] == {
+        n: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for n, p in stored.items()}
+    # MLflow lists the placed folder as the model's artifact: the loader finds it there.
+    info = mlflow.models.get_model_info(res.model_uri)
+    pyfunc_arts = info.flavors["python_function"]["artifacts"]
+    assert pyfunc_arts[artifacts.FULL_MODEL_ARTIFACT]["path"] == prefix.rstrip("/")
+    assert str(mlflow.MlflowClient().get_logged_model(res.model_id).status).endswith("READY")
+
+    root = files[f"{artifacts.MODEL_ARTIFACTS_DIR}/{artifacts.ARTIFACT_DIGESTS}"].parent
+    paths = {name: root / spec["path"].removeprefix(f"{artifacts.MODEL_ARTIFACTS_DIR}/")
+             for name, spec in pyfunc_arts.items()}
+    serving.verify_artifacts(paths, res.model_uri)  # the recorded digests are the stored bytes'
+    weights = stored["model.safetensors"]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StepError, match=r"digest mismatch for full_model file model\.safetensors"):
+        serving.verify_artifacts(paths, res.model_uri)
+
+
+def test_a_full_model_copy_that_fails_leaves_a_failed_model_without_files(
+        tracking, tiny_model_dir, tmp_path, monkeypatch):
+    from lora_pipeline.base import transfer
+
+    manifest_uri = snapshot(str(tiny_model_dir))
+    ckpt = shutil.copytree(tiny_model_dir, tmp_path / "checkpoint-8")
+    real = transfer.copy_file_hashed
+
+    def fail_on_weights(src, dst, **kw):
+        if src.name == "model.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(transfer, "copy_file_hashed", fail_on_weights)
+    with pytest.raises(OSError, match="No space left"):
+        lr.run(lr.Args(manifest_uri=manifest_uri, full_model_dir=str(ckpt)))
+    client = mlflow.MlflowClient()
+    exp = tracking.get_experiment_by_name("tests").experiment_id
+    models = [m for m in client.search_logged_models([exp]) if m.name == artifacts.REFERENCE_MODEL_NAME]
+    assert len(models) == 1 and str(models[0].status).endswith("FAILED")
+    root = Path(models[0].artifact_location.removeprefix("file://"))
+    assert not (root / artifacts.MODEL_ARTIFACTS_DIR / artifacts.FULL_MODEL_ARTIFACT).exists()
+    assert not (root / artifacts.MLMODEL_FILE).exists()
+
+
 def _broken_full_dir(tmp_path: Path, tiny: Path, kind: str) -> Path:
     d = shutil.copytree(tiny, tmp_path / kind)
     if kind == "adapter":

@@ -6,8 +6,8 @@ Helpers here (`make_candidate`, `logits_of`, ...) are shared with tests/test_reg
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import io
 import json
 import os
 import signal
@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from lora_pipeline import artifacts
+from lora_pipeline.base import transfer
 from lora_pipeline.base.manifest import FileEntry, Manifest
 from lora_pipeline.errors import StepError
 from lora_pipeline.registry import persist
@@ -164,38 +165,121 @@ def _manifest(entry: FileEntry) -> Manifest:
                     has_chat_template=False, artifact_uri="runs:/0/snapshot/files")
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "pread-pwrite"])
-def test_copy_verified_streams_in_chunks_and_renames_only_when_verified(tmp_path, monkeypatch, kernel_copy):
-    monkeypatch.setattr(persist, "CHUNK", 4096)  # 10 chunks + a tail for a 41,000-byte file
+def _copy(src: Path, dst: Path, entry: FileEntry, on_progress=None) -> None:
+    persist.copy_verified_tree(src.parent, dst.parent, _manifest(entry), on_progress)
+
+
+def test_verified_copy_streams_in_chunks_and_renames_only_when_verified(tmp_path):
     src = tmp_path / "src" / "model.safetensors"
     src.parent.mkdir()
-    src.write_bytes(os.urandom(41_000))
+    src.write_bytes(os.urandom(2 * transfer.COPY_CHUNK + 123))
     entry = _entry_for(src)
-    if not kernel_copy:  # as across filesystems on old kernels; also read back without preadv (macOS)
-        def refuse(*a, **k):
-            raise OSError(errno.EXDEV, "cross-device")
-        monkeypatch.setattr(os, "copy_file_range", refuse)
-        monkeypatch.setattr(persist, "_HAS_PREADV", False)
     chunks = []
     dst = tmp_path / "dst" / "model.safetensors"
-    persist.copy_verified(src, dst, entry, _manifest(entry), chunks.append)
+    _copy(src, dst, entry, chunks.append)
     assert dst.read_bytes() == src.read_bytes()
-    assert chunks == [4096] * 10 + [41_000 - 40_960]
+    assert chunks == [transfer.COPY_CHUNK] * 2 + [123]
     assert not list(dst.parent.glob("*.partial"))
 
 
-def test_copy_verified_refuses_a_file_that_differs_from_the_manifest(tmp_path):
+def test_verified_copy_refuses_a_file_that_differs_from_the_manifest(tmp_path):
     src = tmp_path / "model.safetensors"
     src.write_bytes(b"x" * 10_000)
     entry = _entry_for(src)
     src.write_bytes(b"y" * 10_000)  # same size, other bytes
     dst = tmp_path / "out" / "model.safetensors"
-    with pytest.raises(StepError, match=r"digest mismatch for base file model.safetensors .* sha256"):
-        persist.copy_verified(src, dst, entry, _manifest(entry))
+    with pytest.raises(StepError, match=r"digest mismatch for base file model.safetensors .* sha256 "
+                                        r"\w+… != \w+… in the manifest"):
+        _copy(src, dst, entry)
     assert not dst.exists() and not list(dst.parent.glob("*"))
     src.write_bytes(b"y" * 9_999)
-    with pytest.raises(StepError, match=r"size 9999 != 10000"):
-        persist.copy_verified(src, dst, entry, _manifest(entry))
+    with pytest.raises(StepError, match=r"size 9999 != 10000 in the manifest"):
+        _copy(src, dst, entry)
+    assert not list(dst.parent.glob("*"))  # refused before a byte was written
+
+
+class _CorruptingReader(io.RawIOBase):
+    """A source file whose reads lose or change bytes on the way: the copy must notice."""
+
+    def __init__(self, f, how: str):
+        self._f, self._how = f, how
+
+    def readinto(self, b):
+        n = self._f.readinto(b)
+        if n and self._how == "flip":
+            b[n // 2] ^= 0x01  # one bit of the chunk, as a bad read would
+        elif n and self._how == "short":
+            return 0  # the file ends early
+        return n
+
+    def fileno(self):
+        return self._f.fileno()
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+@pytest.mark.parametrize("how, pattern", [("flip", r"sha256 \w+… != \w+… in the manifest"),
+                                          ("short", r"changed while it was copied")])
+def test_a_byte_corrupted_or_lost_during_the_copy_is_caught(tmp_path, monkeypatch, how, pattern):
+    """The digest is of the bytes read for the copy (one read): a changed or missing byte on the way
+    is a mismatch, and the file never gets its name."""
+    src = tmp_path / "src" / "model.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(os.urandom(transfer.COPY_CHUNK + 999))
+    entry = _entry_for(src)
+    real_open = open
+
+    def corrupting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return _CorruptingReader(f, how) if "r" in mode else f
+
+    monkeypatch.setattr(transfer, "open", corrupting_open, raising=False)
+    dst = tmp_path / "dst" / "model.safetensors"
+    with pytest.raises(StepError, match=pattern):
+        _copy(src, dst, entry)
+    assert not list(dst.parent.glob("*"))
+
+
+def test_persisting_reads_each_base_byte_once(tracking, tiny_model_dir, snap, tmp_path, monkeypatch):
+    """No hashing pass and no read-back: the base's bytes are read once, by the verified copy."""
+    import lora_pipeline.base.manifest as manifest_mod
+
+    cand = make_candidate(tmp_path, tiny_model_dir, snap, metrics=GOOD)
+    src = persist.local_path_of(tracking.get_run(snap.run_id).info.artifact_uri) / artifacts.SNAPSHOT_FILES_DIR
+    read: dict[str, int] = {}
+    real_open = open
+
+    class Counting(io.RawIOBase):
+        def __init__(self, f, name):
+            self._f, self._name = f, name
+
+        def readinto(self, b):
+            n = self._f.readinto(b)
+            read[self._name] = read.get(self._name, 0) + (n or 0)
+            return n
+
+        def fileno(self):
+            return self._f.fileno()
+
+        def close(self):
+            self._f.close()
+            super().close()
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Counting(f, Path(path).name) if "r" in mode and Path(path).is_relative_to(src) else f
+
+    def no_hashing_pass(*a, **k):
+        raise AssertionError("a base file was hashed apart from its copy")
+
+    monkeypatch.setattr(transfer, "open", counting_open, raising=False)
+    monkeypatch.setattr(persist, "sha256_file", no_hashing_pass)
+    monkeypatch.setattr(manifest_mod, "sha256_file", no_hashing_pass)
+    res = par.run(par.Args(model_uri=cand.uri, registered_name="e2e-once"))
+    assert res.persisted_bytes == snap.manifest.total_bytes
+    assert read == {Path(e.path).name: e.size for e in snap.manifest.files}
 
 
 # --- the step ------------------------------------------------------------------------------------------
