@@ -307,8 +307,9 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
     prompt lengths first), else they are made here with `encode_prompts`.
     `precision` (lora_pipeline/model/precision.py): `auto` generates under bf16 autocast where bf16 matmuls are
     native, as `finetune` trains by default; the weights stay fp32, so logits in fp32 are unchanged.
-    Greedy decoding drops each row from its batch at its end of sequence (lora_pipeline/model/decoding.py:
-    the same tokens as `model.generate`, less work); sampling runs `model.generate`.
+    Greedy decoding prefills the prompt prefix a batch shares once and drops each row from its batch
+    at its end of sequence (lora_pipeline/model/decoding.py: the same tokens as `model.generate`, less
+    work); sampling runs `model.generate`.
     """
     import torch
 

@@ -1,5 +1,6 @@
 """Faster greedy decoding (lora_pipeline/model/decoding.py) gives the tokens of plain batched
-`model.generate`, while rows that ended leave the batch."""
+`model.generate`, while rows that ended leave the batch and the prefix every prompt shares is
+prefilled once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from test_serving import SENTENCES
 from transformers import GenerationConfig
 
 from lora_pipeline.model import serving
-from lora_pipeline.model.decoding import greedy_decode, left_padded
+from lora_pipeline.model.decoding import MIN_SHARED_PREFIX, greedy_decode, left_padded, shared_prefix_length
 from lora_pipeline.model.precision import autocast
 from lora_pipeline.task.e2e import format_prompt
 
@@ -63,10 +64,13 @@ def test_rows_leave_the_batch_at_their_end_and_tokens_are_those_of_generate(shar
         got = greedy_decode(model, ids, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[stop])
     hook.remove()
     assert got == expected
-    # Each finished row left: the batch shrinks step by step, down to the longest row alone.
-    assert rows_per_forward[0] == len(SENTENCES) and rows_per_forward == sorted(rows_per_forward, reverse=True)
-    assert rows_per_forward[-1] == sum(len(r) == max(map(len, expected)) for r in expected)
-    assert len(rows_per_forward) == max(map(len, expected))
+    # The shared prefix (chat template + instruction) first, as a batch of one; then each finished
+    # row left: the batch shrinks step by step, down to the longest row alone.
+    assert rows_per_forward[0] == 1
+    decode = rows_per_forward[1:]
+    assert decode[0] == len(SENTENCES) and decode == sorted(decode, reverse=True)
+    assert decode[-1] == sum(len(r) == max(map(len, expected)) for r in expected)
+    assert len(decode) == max(map(len, expected))
 
 
 def test_served_generate_answers_as_plain_transformers_in_fp32(sharp):
@@ -84,3 +88,72 @@ def test_zero_rows_and_zero_tokens():
     ids, mask = left_padded([[5, 6], [7]], pad_id=0)
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
     assert greedy_decode(None, ids, mask, max_new_tokens=0, eos_token_ids=[1]) == [[], []]
+
+
+def generate_ids(model, ids, mask, eos: int) -> list[list[int]]:
+    """Plain `model.generate` on an already left-padded batch, each row cut after its end."""
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, temperature=None, top_p=None,
+                           top_k=None, pad_token_id=0, eos_token_id=eos)
+    with torch.inference_mode():
+        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1]:].tolist()
+    return [row[:row.index(eos) + 1] if eos in row else row for row in gen]
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    n = 0
+    while all(len(r) > n for r in rows) and len({r[n] for r in rows}) == 1:
+        n += 1
+    return n
+
+
+def _batches(tok) -> dict[str, list[list[int]]]:
+    enc = serving.encode_prompts(tok, SENTENCES)
+    whole = enc[1]  # one prompt is the whole common prefix of the batch
+    return {
+        "shared prefix, different lengths": [enc[i] for i in (0, 3, 4, 6)],
+        "one row": [enc[3]],
+        "one prompt is the common prefix": [whole, whole + enc[3][-7:], whole + enc[6][-3:]],
+        "no common prefix": [enc[0], enc[4][::-1], enc[6]],
+    }
+
+
+@pytest.mark.parametrize("case", ["shared prefix, different lengths", "one row",
+                                  "one prompt is the common prefix", "no common prefix"])
+def test_shared_prefix_prefill_gives_the_tokens_of_generate(sharp, case):
+    """Prefix prefilled once (token ids, not text), each row's remainder after [prefix | padding]:
+    the tokens of `model.generate` and of the path that prefills every row whole, in fp32."""
+    model, tok = sharp
+    rows = _batches(tok)[case]
+    ids, mask = left_padded(rows, tok.pad_token_id)
+    common = _common_prefix(rows)
+    shared = shared_prefix_length(ids, mask)
+    # Every row keeps at least one token for the remainder pass; one row or nothing shared: no prefix.
+    assert shared == (0 if len(rows) < 2 else min(common, min(map(len, rows)) - 1))
+    if case == "one prompt is the common prefix":
+        assert common == len(rows[0]) and shared == len(rows[0]) - 1
+    if case == "no common prefix":
+        assert common == 0
+    if case == "shared prefix, different lengths":
+        assert len({len(r) for r in rows}) == len(rows) and shared >= MIN_SHARED_PREFIX
+
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    with torch.inference_mode():
+        got = greedy_decode(model, ids, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[tok.eos_token_id])
+    hook.remove()
+    if shared >= MIN_SHARED_PREFIX:  # the prefix once, then every row's remainder
+        assert shapes[:2] == [(1, shared), (len(rows), ids.shape[1] - shared)]
+    else:
+        assert shapes[0] == tuple(ids.shape)
+    with torch.inference_mode():
+        whole_rows = greedy_decode(model, ids, mask, max_new_tokens=MAX_NEW_TOKENS,
+                                   eos_token_ids=[tok.eos_token_id], share_prefix=False)
+    assert got == whole_rows == generate_ids(model, ids, mask, tok.eos_token_id)
+    assert all(len(r) == MAX_NEW_TOKENS for r in got)  # compared over every step
+
+
+def test_shared_prefix_length_of_a_batch_that_is_not_left_padded():
+    ids = torch.tensor([[5] * 10 + [6, 0], [5] * 10 + [7, 8]])
+    assert shared_prefix_length(ids, torch.tensor([[1] * 11 + [0], [1] * 12])) == 0  # right padding
+    assert shared_prefix_length(ids, torch.ones_like(ids)) == 10
