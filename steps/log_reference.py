@@ -12,7 +12,8 @@ Two ways in (exactly one):
     memory-efficient path): only the safetensors headers are read, to reject a truncated file
     (lora_pipeline/model/full_checkpoint.py); with a local store each file is then read once, copied
     straight into the model's artifacts and hashed on the way for `artifact_digests.json`
-    (serving.log_e2e_model).
+    (serving.log_e2e_model). `task` and `system_prompt` say what it was trained for; they travel
+    with it as `task.json`, as with a checkpoint (whose own task.json they must agree with).
 
 The base is never copied: the model stores the snapshot manifest (Hub repo id + commit, or the
 snapshot run's artifact URI, plus every file's sha256); loading resolves the base from it and checks
@@ -30,9 +31,11 @@ from pathlib import Path
 
 from lora_pipeline import artifacts
 from lora_pipeline.cli import param, run_cli
-from lora_pipeline.errors import Problems
+from lora_pipeline.errors import InputError, Problems
 from lora_pipeline.model import logged
 from lora_pipeline.model.full_checkpoint import check_full_model_dir, read_full_model
+from lora_pipeline.task import formats
+from lora_pipeline.task.tasks import get_task
 from lora_pipeline.training import ENTRY_POINT as FINETUNE_ENTRY_POINT
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,10 @@ class Args:
     full_model_dir: str = param("", "instead of a checkpoint: a local directory with a complete "
                                 "model (config.json, *.safetensors, tokenizer), logged without "
                                 "loading its weights")
+    # What the model was trained for: a full model has no task.json of its own (a checkpoint does;
+    # these must then agree with it). Declared in lora_pipeline/task/formats.py:DataArgs.
+    task: str = formats.data_param("task")
+    system_prompt: str = formats.data_param("system_prompt")
 
 
 @dataclass
@@ -79,6 +86,10 @@ def validate_static(args: Args) -> Problems:
                          "is required with full_model_dir (it names the base the model was "
                          "fine-tuned from)", "pass the manifest URI that download_snapshot printed")
         check_full_model_dir(Path(args.full_model_dir).expanduser(), args.full_model_dir, problems)
+    try:
+        get_task(args.task)
+    except InputError as err:
+        problems.items.extend(err.problems)
     return problems
 
 
@@ -100,8 +111,9 @@ def run(args: Args) -> Result:
         tmp = Path(tmp_str)
         if args.checkpoint_uri:
             weights = logged.read_checkpoint(args.checkpoint_uri, args.manifest_uri, tmp)
+            logged.check_checkpoint_task(weights.task_spec, args.task, args.system_prompt, args.checkpoint_uri)
         else:
-            weights = read_full_model(args.full_model_dir, args.manifest_uri, tmp)
+            weights = read_full_model(args.full_model_dir, args.manifest_uri, tmp, args.task, args.system_prompt)
         manifest, kind = weights.manifest, weights.kind
         source = args.checkpoint_uri or str(Path(args.full_model_dir).expanduser().resolve())
         tags = {artifacts.SOURCE_MODEL_TAG: (artifacts.model_uri(weights.source_model_id)

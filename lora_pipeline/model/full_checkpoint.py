@@ -18,6 +18,7 @@ from lora_pipeline import artifacts
 from lora_pipeline.base.sources import TOKENIZER_FILES
 from lora_pipeline.errors import InputError, Problem, Problems
 from lora_pipeline.model.logged import Weights
+from lora_pipeline.task.tasks import DEFAULT_TASK, task_spec
 
 # Files of a full checkpoint that serving needs; optimizer/scheduler states and pickles are left out.
 _FULL_MODEL_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
@@ -119,9 +120,12 @@ def stage_full_model(root: Path, dst: Path) -> Path:
     return dst
 
 
-def read_full_model(full_model_dir: str, manifest_uri: str, tmp: Path) -> Weights:
-    """The staged folder of a (checked) complete checkpoint and the base it was fine-tuned from;
-    an InputError when its architecture is not the base's."""
+def read_full_model(full_model_dir: str, manifest_uri: str, tmp: Path, task: str = DEFAULT_TASK,
+                    system_prompt: str = "") -> Weights:
+    """The staged folder of a (checked) complete checkpoint, the base it was fine-tuned from and the
+    task it was trained for (`task_spec`, as finetune records it for an adapter: a merged json or
+    text model then serves and evaluates as one); an InputError when its architecture is not the
+    base's."""
     from lora_pipeline.base.manifest import load_manifest
 
     manifest = load_manifest(manifest_uri)
@@ -133,4 +137,4 @@ def read_full_model(full_model_dir: str, manifest_uri: str, tmp: Path) -> Weight
             "full_model_dir", full_model_dir, f"is a {arch}, but the base "
             f"{manifest.reference()} is a {manifest.architecture}",
             "pass the manifest of the base this model was fine-tuned from"))
-    return Weights(manifest, artifacts.KIND_FULL, weights_dir)
+    return Weights(manifest, artifacts.KIND_FULL, weights_dir, "", task_spec(task, system_prompt))

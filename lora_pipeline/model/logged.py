@@ -95,6 +95,24 @@ def download_model_file(info, inner: str, dst: Path) -> Path:
                         "unreadable: log the checkpoint again") from err
 
 
+def check_checkpoint_task(spec: dict | None, task: str, system_prompt: str, checkpoint_uri: str) -> None:
+    """A checkpoint carries its own task (task.json): a `task` other than the default, or a
+    `system_prompt`, that disagrees with it would be silently dropped, so it is an InputError."""
+    from lora_pipeline.task.tasks import DEFAULT_TASK, task_from_spec
+
+    own, own_prompt = task_from_spec(spec)
+    problems = []
+    if task.strip().lower() not in (DEFAULT_TASK, own.name):
+        problems.append(Problem("task", task, f"the checkpoint {checkpoint_uri} was trained for task={own.name}",
+                                f"pass task={own.name}, or leave the default"))
+    if system_prompt and system_prompt != (own_prompt or own.system_prompt):
+        problems.append(Problem("system_prompt", system_prompt, f"the checkpoint {checkpoint_uri} was "
+                                "trained with another system prompt (its task.json)",
+                                "leave system_prompt empty to keep the checkpoint's own"))
+    if problems:
+        raise InputError(problems)
+
+
 def read_checkpoint(checkpoint_uri: str, manifest_uri: str, tmp: Path) -> Weights:
     """The weights of a checkpoint finetune logged, downloaded into `tmp`, and the base they were
     trained on (`manifest_uri` if given: it must pin the same base as the checkpoint's own)."""

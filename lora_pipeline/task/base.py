@@ -78,6 +78,9 @@ class Task:
     # What a well-formed target looks like: the fix of a data error about targets.
     target_fix: ClassVar[str] = "fill in every target"
     supports_augmentation: ClassVar[bool] = False
+    # What finetune's augment_fraction=-1 (its default) means for this task; > 0 only where
+    # `supports_augmentation`.
+    default_augment_fraction: ClassVar[float] = 0.0
 
     # --- prompt ------------------------------------------------------------------------------------
     def user_text(self, text: str) -> str:

@@ -20,6 +20,9 @@ from lora_pipeline.task.text_task import TextTask
 DEFAULT_TASK = "e2e"
 TASK_SPEC_VERSION = 1
 TASKS: dict[str, type[Task]] = {t.name: t for t in (E2ETask, JsonTask, TextTask)}
+# finetune's augment_fraction default: "the task's own" (Task.default_augment_fraction), so that
+# task=json or text with every default trains, and e2e keeps its measured 0.5.
+AUGMENT_TASK_DEFAULT = -1.0
 
 
 def get_task(name: str, *, field: str = "task") -> Task:
@@ -31,6 +34,11 @@ def get_task(name: str, *, field: str = "task") -> Task:
     hint = f"did you mean {close[0]}? " if close else ""
     raise InputError(Problem(field, name, "is not a task",
                              f"{hint}pass one of: {', '.join(TASKS)}"))
+
+
+def augment_fraction(task: Task, value: float) -> float:
+    """The fraction of training rows to augment: `value`, or the task's own for AUGMENT_TASK_DEFAULT."""
+    return task.default_augment_fraction if value == AUGMENT_TASK_DEFAULT else value
 
 
 def task_spec(name: str, system_prompt: str = "") -> dict[str, object]:

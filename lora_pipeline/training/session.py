@@ -102,6 +102,8 @@ def training_arguments(a: Any, output_dir: Path, world_size: int, decided: dict[
 
 def flat_params(plan: Plan, targs, lora_config, n_train: int, n_val: int, world: int) -> dict[str, str]:
     """Parameters beyond the step's own Args, flattened as `group.key` (MLflow params are flat)."""
+    from lora_pipeline.task.tasks import augment_fraction, get_task
+
     out = {
         "trainer.optim": getattr(targs.optim, "value", targs.optim), "trainer.weight_decay": targs.weight_decay,
         "trainer.adam_beta1": targs.adam_beta1, "trainer.adam_beta2": targs.adam_beta2,
@@ -117,6 +119,8 @@ def flat_params(plan: Plan, targs, lora_config, n_train: int, n_val: int, world:
         "data.validation_examples": n_val, "data.train_mrs": plan.n_train_mrs,
         "data.validation_mrs": plan.n_validation_mrs, "data.rows_skipped": plan.rows_skipped,
         "data.longest_tokens": plan.longest_tokens,
+        # what augment_fraction=-1 (the default) resolved to for this task
+        "data.augment_fraction": augment_fraction(get_task(plan.args.task), plan.args.augment_fraction),
     }
     return {k: str(v) for k, v in out.items()}
 
@@ -139,7 +143,7 @@ def build(plan: Plan) -> Parts:
     from peft import LoraConfig, TaskType, get_peft_model
 
     from lora_pipeline.model import serving
-    from lora_pipeline.task.tasks import get_task
+    from lora_pipeline.task.tasks import augment_fraction, get_task
     from lora_pipeline.training.trainer_utils import tokenize_examples
 
     a = plan.args
@@ -148,8 +152,9 @@ def build(plan: Plan) -> Parts:
     tok = serving.load_tokenizer(base_dir)
     tok.padding_side = "right"  # training batches; generation (serving) pads left
     train_raw, val_raw = load_split(plan.train_path), load_split(plan.validation_path)
-    if a.augment_fraction > 0 and task.supports_augmentation:
-        train_raw = augment_rows(train_raw, a.augment_fraction, a.seed)
+    fraction = augment_fraction(task, a.augment_fraction)
+    if fraction > 0 and task.supports_augmentation:
+        train_raw = augment_rows(train_raw, fraction, a.seed)
     torch.manual_seed(a.seed)  # LoRA A matrices are initialised from the global RNG
     lora_config = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                              target_modules=target_module_names(a.target_modules), task_type=TaskType.CAUSAL_LM)

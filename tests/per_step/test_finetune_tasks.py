@@ -120,12 +120,17 @@ def test_json_messages_train_and_the_model_carries_its_task(tracking, manifest_u
                                                    for r in held_out)
 
 
-def test_text_task_with_mapped_columns(tracking, manifest_uri, text_csv):
+def test_text_task_with_mapped_columns_trains_with_the_default_augment_fraction(tracking, manifest_uri,
+                                                                                 text_csv):
     cb = Weights()
+    # augment_fraction left at finetune's default: the text task has no augmentation, so none applies
     res = finetune.run(fast_args(manifest_uri, text_csv, task="text", prompt_column="question",
-                                 completion_column="answer"), callbacks=[cb])
+                                 completion_column="answer", augment_fraction=finetune.Args().augment_fraction),
+                       callbacks=[cb])
     assert _changed(cb) and res.checkpoints_logged == 1
-    assert mlflow.MlflowClient().get_run(res.run_id).data.params["data.train_mrs"] == "6"  # rows
+    params = mlflow.MlflowClient().get_run(res.run_id).data.params
+    assert params["data.train_mrs"] == "6"  # rows
+    assert params["data.augment_fraction"] == "0.0"
 
 
 def test_task_problems_are_reported_together(tracking, text_csv):
@@ -136,9 +141,14 @@ def test_task_problems_are_reported_together(tracking, text_csv):
                          "printed (runs:/<run>/snapshot/manifest.json)"]
     assert any(line.startswith("task='jsno': is not a task; fix: did you mean json?") for line in lines)
     assert any(line.startswith("prompt_column=' ': is empty") for line in lines)
+    # An explicit fraction for a task without augmentation would be silently ignored: refused.
     with pytest.raises(InputError, match=r"^augment_fraction=0\.5: augmentation rewrites E2E restaurant data; "
-                                         r"task=text has none; fix: pass augment_fraction=0$"):
+                                         r"task=text has none; fix: pass augment_fraction=0 \(or leave the "
+                                         r"default, -1\), or use task=e2e$"):
         finetune.validate_static(fast_args("x", text_csv, task="text", augment_fraction=0.5)).raise_if_any()
+    with pytest.raises(InputError, match=r"^augment_fraction=-0\.5: must be between 0 and 1, or -1 \(the "
+                                         r"task's default\); fix: pass e\.g\. 0\.5"):
+        finetune.validate_static(fast_args("x", text_csv, augment_fraction=-0.5)).raise_if_any()
     with pytest.raises(InputError, match=r"^system_prompt='Be brief\.': is not used by task=e2e"):
         finetune.validate_static(fast_args("x", text_csv, system_prompt="Be brief.")).raise_if_any()
 

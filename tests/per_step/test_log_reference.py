@@ -265,6 +265,33 @@ def test_a_full_model_copy_that_fails_leaves_a_failed_model_without_files(
     assert not (root / artifacts.MLMODEL_FILE).exists()
 
 
+def test_a_full_json_model_carries_its_task_and_serves_as_json(tracking, tiny_model_dir, tmp_path):
+    """A merged checkpoint has no task.json of its own: `task`/`system_prompt` give it one, the same
+    file finetune writes for an adapter, so serving (and evaluate_checkpoint, the gate) read it."""
+    import pandas as pd
+
+    from lora_pipeline.task.tasks import task_spec
+
+    manifest_uri = snapshot(str(tiny_model_dir))
+    res = lr.run(lr.Args(manifest_uri=manifest_uri, full_model_dir=str(tiny_model_dir), task="json",
+                         system_prompt="JSON."))
+    spec = json.loads(_logged_files(res.model_id)[f"artifacts/{artifacts.TASK_ARTIFACT}"].read_text())
+    assert spec == task_spec("json", "JSON.") == {"version": 1, "task": "json", "system_prompt": "JSON."}
+    model = mlflow.pyfunc.load_model(res.model_uri)
+    out = model.predict(pd.DataFrame({"messages": [[{"role": "user", "content": "Kobo is a pub."}]]}),
+                        params={"max_new_tokens": 4})
+    assert list(out.columns) == ["text", "parsed", "valid", "error"] and out["error"][0] is None
+
+
+def test_a_task_that_disagrees_with_the_checkpoint_is_refused(tracking, checkpoint):
+    manifest_uri, ckpt = checkpoint  # an e2e checkpoint
+    with pytest.raises(InputError, match=r"^task='json': the checkpoint .* was trained for task=e2e; fix: pass "
+                                         r"task=e2e, or leave the default$"):
+        lr.run(lr.Args(manifest_uri=manifest_uri, checkpoint_uri=ckpt, task="json"))
+    runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
+    assert not [r for r in runs if r.data.tags.get(artifacts.STEP_TAG) == "log_reference"]  # refused first
+
+
 def _broken_full_dir(tmp_path: Path, tiny: Path, kind: str) -> Path:
     d = shutil.copytree(tiny, tmp_path / kind)
     if kind == "adapter":

@@ -109,6 +109,34 @@ def test_served_model_answers_a_batch(tracking, sharp_model_dir, tmp_path):
                     for r in expected.to_dict(orient="records")]
 
 
+def test_served_json_model_answers_a_messages_column_as_in_process(tracking, sharp_model_dir, tmp_path):
+    """A json-task model over HTTP: an OpenAI-style `messages` column (lists of {role, content}, as
+    JSON) gets the json outputs, equal row for row to in-process `predict` on the same turns."""
+    from lora_pipeline.task.tasks import task_spec
+
+    ckpt = log_checkpoint(snapshot(str(sharp_model_dir)), make_adapter(sharp_model_dir, tmp_path / "a"),
+                          task_spec=task_spec("json", "Extract JSON."))
+    uri = lr.run(lr.Args(checkpoint_uri=ckpt)).model_uri
+    conversations = [
+        [{"role": "user", "content": SENTENCES[0]}],
+        [{"role": "user", "content": SENTENCES[1]}, {"role": "assistant", "content": '{"name": "x"}'},
+         {"role": "user", "content": "And the area?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": SENTENCES[2]}],
+    ]
+    params = {"max_new_tokens": 6}
+    expected = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"messages": conversations}), params=params)
+    assert expected["error"].isna().all() and expected["text"].nunique() > 1  # rows answered apart
+
+    with _served(uri, tmp_path) as url:
+        answer = _post(url + "/invocations", {
+            "dataframe_split": {"columns": ["messages"], "data": [[c] for c in conversations]},
+            "params": params})
+    rows = answer["predictions"]
+    assert [set(r) for r in rows] == [{"text", "parsed", "valid", "error"}] * len(conversations)
+    assert rows == [{k: (None if v != v else v) for k, v in r.items()}
+                    for r in expected.to_dict(orient="records")]
+
+
 def test_served_model_refuses_bad_requests_with_400_and_keeps_serving(tracking, tiny_model_dir, tmp_path):
     """Each bad request gets its own answer (400 naming the param and its range, or error rows for
     bad prompts), and the server answers the good request after them all as if they never came."""

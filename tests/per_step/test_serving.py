@@ -136,13 +136,14 @@ def snapshot(model: str) -> str:
 
 
 def log_checkpoint(manifest_uri: str, adapter_dir: Path, trainer_state: Path | None = None,
-                   step: int = 1) -> str:
-    """What finetune logs at a save: the adapter + trainer state, referring to the base."""
+                   step: int = 1, task_spec: dict | None = None) -> str:
+    """What finetune logs at a save: the adapter + trainer state (+ its task.json, `task_spec`),
+    referring to the base."""
     manifest = load_manifest(manifest_uri)
     with mlflow.start_run():
         info = serving.log_e2e_model(artifacts.checkpoint_model_name(step), manifest,
                                      adapter_dir=adapter_dir, trainer_state_dir=trainer_state,
-                                     step=step, with_input_example=False)
+                                     step=step, with_input_example=False, task_spec=task_spec)
     return artifacts.model_uri(info.model_id)
 
 

@@ -88,7 +88,7 @@ CASES = [
     C("ft-validation-fraction", "finetune", "--manifest_uri {manifest} --dataset {train} --validation_fraction 0",
       r"^validation_fraction=0(\.0)?: must be between 0 and 1 \(exclusive\)" + FIX),
     C("ft-augment-fraction", "finetune", "--manifest_uri {manifest} --dataset {train} --augment_fraction 1.5",
-      r"^augment_fraction=1\.5: must be between 0 and 1" + FIX + r"pass e\.g\. 0\.5"),
+      r"^augment_fraction=1\.5: must be between 0 and 1, or -1 \(the task's default\)" + FIX + r"pass e\.g\. 0\.5"),
     C("ft-scheduler", "finetune", "--manifest_uri {manifest} --dataset {train} --lr_scheduler bogus",
       r"^lr_scheduler='bogus': is not supported" + FIX + "use one of: linear, cosine"),
     C("ft-save-not-multiple", "finetune", "--manifest_uri {manifest} --dataset {train} --save_steps 15 --eval_steps 10",

@@ -114,6 +114,16 @@ def test_e2e_augment_is_e2e_py_s():
     assert get_task("text").augment("p", "c", random.Random(0)) == ("p", "c")
 
 
+def test_the_default_augment_fraction_is_the_tasks_own():
+    from lora_pipeline.task.tasks import AUGMENT_TASK_DEFAULT, augment_fraction
+    from steps import finetune
+
+    assert finetune.Args().augment_fraction == AUGMENT_TASK_DEFAULT
+    # e2e keeps the measured 0.5; json and text have no augmentation; an explicit value is kept
+    assert [augment_fraction(get_task(t), AUGMENT_TASK_DEFAULT) for t in ("e2e", "json", "text")] == [0.5, 0, 0]
+    assert augment_fraction(get_task("e2e"), 0.25) == 0.25
+
+
 def test_e2e_target_checks_name_the_kind_of_malformed_mr():
     task = get_task("e2e")
     assert task.check_target("name[Kobo], eatType[pub]") is None
