@@ -39,7 +39,7 @@ def _registered_task(client, registered: str) -> tuple[dict, set[str]]:
     """(task.json, aliases) of a registered version `models:/<name>/<version>`."""
     name, version = registered.removeprefix("models:/").split("/")
     mv = client.get_model_version(name, version)
-    root = client.get_logged_model(mv.model_id).artifact_location.rstrip("/")
+    root = client.get_model_version_download_uri(name, version).rstrip("/")
     spec = json.loads(mlflow.artifacts.load_text(f"{root}/artifacts/{artifacts.TASK_ARTIFACT}"))
     return spec, set(mv.aliases)
 
@@ -71,10 +71,11 @@ def test_main_on_json_messages_registers_a_json_model(tracking, tiny_model_dir, 
     assert aliases == {artifacts.CHALLENGER_ALIAS} | ({artifacts.CHAMPION_ALIAS} if beat else set())
 
 
-def test_main_on_text_prompt_completion_registers_a_champion(tracking, tiny_model_dir, venv_env):
+def test_main_on_text_prompt_completion_registers_a_text_model(tracking, tiny_model_dir, venv_env):
     _require_all_steps()
-    # Enough steps at a high rate for the tiny model to learn the samples' common words: its ROUGE-L
-    # then beats the random base's, so the gate promotes it.
+    # 30 steps at a high rate: the tiny random model learns some of the samples' words, but whether
+    # its ROUGE-L beats the random base's is not sure (measured: it did not, once), so the aliases
+    # are checked against the gate's own logged numbers, as for json.
     proc = _mlflow_run_main(venv_env, tiny_model_dir,
                             **tiny_params(max_seq_length="2048", max_steps="30", eval_steps="10", save_steps="30",
                                           learning_rate="0.01", max_new_tokens="16"),
@@ -89,4 +90,6 @@ def test_main_on_text_prompt_completion_registers_a_champion(tracking, tiny_mode
     assert steps["persist_and_register"].data.tags[artifacts.GATE_PREFIX + "metric"] == "rouge_l"
     spec, aliases = _registered_task(tracking, artifacts.get_outputs(main_run)["registered"])
     assert spec["task"] == "text"
-    assert artifacts.CHAMPION_ALIAS in aliases, steps["persist_and_register"].data.tags
+    gate = steps["persist_and_register"].data.tags
+    beat = float(gate[artifacts.GATE_PREFIX + "candidate"]) > float(gate[artifacts.GATE_PREFIX + "base"])
+    assert aliases == {artifacts.CHALLENGER_ALIAS} | ({artifacts.CHAMPION_ALIAS} if beat else set())
