@@ -56,3 +56,15 @@ def test_the_comparison_names_the_e2e_run_and_says_whether_the_goal_is_met(tmp_p
     figures, text = bq.compare_with_e2e(0.89, 8, 0.3, missing)
     assert not figures["met"] and "not within 0.02" in text
     assert text.endswith("(not like for like: test_rows_scored 100 there, minutes 15 there)")
+
+
+def test_a_one_seed_json_run_is_also_compared_with_the_e2e_run_of_the_same_seed(tmp_path):
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"commit": "0123456789abcdef", "figures": {
+        "slot_f1": {"mean": 0.92, "sd": 0.01}, "test_rows_scored": 100, "minutes": 15.0,
+        "seeds": [{"seed": s, "candidate": {"slot_f1": f}} for s, f in ((0, 0.89), (1, 0.93), (2, 0.94))]}}))
+    figures, text = bq.compare_with_e2e(0.905, 100, 15.0, path, seeds=[0])
+    assert figures["same_seeds"]["slot_f1"] == 0.89 and figures["same_seeds"]["difference"] == pytest.approx(0.015)
+    assert figures["same_seeds"]["met"] and figures["met"]
+    assert text.endswith("; against the e2e run's same seed (0: slot F1 0.890): difference +0.015, within 0.02")
+    assert "same_seeds" not in bq.compare_with_e2e(0.905, 100, 15.0, path, seeds=[0, 1, 2])[0]
