@@ -13,7 +13,9 @@ log_reference logged and evaluate_checkpoint scored). The step
   3. gates (registry/gate.py): the version gets alias `challenger`, and `champion` only if its
      evaluation metric (`gate_metric`, on the source model, written by evaluate_checkpoint) beats
      the current champion's by at least `gate_margin` and beats the base model's. `dry_run`
-     reports the decision and changes nothing in the registry.
+     reports the decision and changes nothing in the registry;
+  4. puts the model's prompt (its task.json as a chat template) in MLflow's prompt registry, linked to
+     the version's model and named by the version tag `prompt_uri` (registry/prompts.py).
 Idempotent: a version already registered for the same source model is reused (no second version),
 and a persist interrupted before (PENDING or FAILED leftovers) is discarded and redone.
 Every input is checked before anything changes: a bad input leaves the registry as it was.
@@ -86,6 +88,8 @@ class Result:
     persisted_bytes: int
     persist_seconds: float
     lineage: dict[str, str] = field(default_factory=dict)
+    # prompts:/<name>/<version> in MLflow's prompt registry, linked to the version ("" without one)
+    prompt_uri: str = ""
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def run(args: Args) -> Result:
     from mlflow.exceptions import MlflowException
 
     from lora_pipeline.cli import configure_tracking
-    from lora_pipeline.registry import copy, versions
+    from lora_pipeline.registry import copy, prompts, versions
     from lora_pipeline.registry.candidate import read_candidate, require_gate_metrics
     from lora_pipeline.registry.lineage_tags import lineage_tags, version_tags
     from lora_pipeline.tracking.runs import step_run
@@ -198,6 +202,8 @@ def run(args: Args) -> Result:
                             f"{one_line(err)}); the persisted model is kept and verified: rerun "
                             "persist_and_register to finish (it reuses it)") from err
         registered = f"models:/{name}/{v}"
+        # The prompt travels in the model (task.json); the registry's copy is for people and tools.
+        result.prompt_uri = prompts.link_prompt(client, name, v, persisted_id, candidate.task_spec)
         artifacts.set_outputs(client, run_id, {"decision": decision.decision, "registered": registered,
                                                "alias": decision.alias, "persisted_model": persisted_uri})
         result.version, result.registered_uri, result.alias = v, registered, decision.alias

@@ -4,6 +4,7 @@ evaluation metrics logged on it (what persist_and_register reads before it chang
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ class Candidate:
     manifest: Any  # lora_pipeline.base.manifest.Manifest
     metrics: dict[str, float]
     metric_runs: dict[str, str]
+    # The model's task.json (task and system prompt); None for a model logged before tasks existed (e2e).
+    task_spec: dict | None = None
 
     @property
     def model_id(self) -> str:
@@ -107,13 +110,18 @@ def read_candidate(client, model_uri: str) -> Candidate:
             mlmodel = yaml.safe_load(Path(repo.download_artifacts(artifacts.MLMODEL_FILE, tmp)).read_text())
             ref = f"{artifacts.MODEL_ARTIFACTS_DIR}/{artifacts.BASE_REF_ARTIFACT}"
             manifest = Manifest.from_json(Path(repo.download_artifacts(ref, tmp)).read_text())
-        except (OSError, MlflowException) as err:
+            spec = None
+            pyfunc_arts = (mlmodel or {}).get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+            if artifacts.TASK_ARTIFACT in pyfunc_arts:
+                spec_path = pyfunc_arts[artifacts.TASK_ARTIFACT].get("path", "")
+                spec = json.loads(Path(repo.download_artifacts(spec_path, tmp)).read_text())
+        except (OSError, ValueError, MlflowException) as err:
             raise InputError(Problem("model_uri", model_uri, "is not an E2E extractor model "
                                      f"(no {artifacts.BASE_REF_ARTIFACT} / MLmodel: "
                                      f"{type(err).__name__}: {one_line(err)})",
                                      "pass the model log_reference logged")) from err
     metrics, runs = latest_metrics(lm)
-    return Candidate(lm, mlmodel or {}, manifest, metrics, runs)
+    return Candidate(lm, mlmodel or {}, manifest, metrics, runs, spec)
 
 
 def require_gate_metrics(candidate: Candidate, metric: str, model_uri: str) -> None:

@@ -363,6 +363,13 @@ def test_main_pipeline_against_the_server(server, use_server, tiny_model_dir, ve
     persisted = client.get_logged_model(artifacts.parse_model_id_uri(outputs["persisted_model"]))
     stored = server.artifact_file(persisted.artifact_location, "")
     assert stored.is_dir() and any(p.is_file() for p in stored.rglob("*"))
+    # The prompt is in the server's prompt registry (PostgreSQL), linked to the persisted model.
+    from lora_pipeline.registry import prompts
+
+    prompt_uri = client.get_model_version(name, version).tags[prompts.PROMPT_URI_TAG]
+    assert prompt_uri == f"prompts:/{prompts.prompt_name(name)}/1"
+    assert client.load_prompt(prompt_uri).template[-1]["content"].endswith("{{prompt}}")
+    assert prompts.prompt_name(name) in persisted.tags["mlflow.linkedPrompts"]
     with server.pg() as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),))
         assert cur.fetchone()[0] == len(runs)

@@ -73,7 +73,8 @@ def make_adapter(tiny_model_dir: Path, out: Path, seed: int) -> Path:
 
 
 def make_candidate(tmp_path: Path, tiny_model_dir: Path, snap, *, seed: int = 1,
-                   metrics: dict[str, float] | None = None, dataset_digest: str = "d" * 64):
+                   metrics: dict[str, float] | None = None, dataset_digest: str = "d" * 64,
+                   task_spec: dict | None = None):
     """What the pipeline leaves before persist_and_register: a finetune run with a checkpoint model,
     a reference model logged by a log_reference run (tag pipeline.source_model), and an evaluation
     run that logged metrics on the reference model."""
@@ -85,12 +86,13 @@ def make_candidate(tmp_path: Path, tiny_model_dir: Path, snap, *, seed: int = 1,
     with mlflow.start_run() as ft:
         mlflow.set_tags({artifacts.STEP_TAG: "finetune", artifacts.DATASET_DIGEST_TAG: dataset_digest})
         ckpt = serving.log_e2e_model(artifacts.checkpoint_model_name(1), snap.manifest,
-                                     adapter_dir=adapter, step=1, with_input_example=False)
+                                     adapter_dir=adapter, step=1, with_input_example=False,
+                                     task_spec=task_spec)
     with mlflow.start_run():
         mlflow.set_tags({artifacts.STEP_TAG: "log_reference"})
         ref = serving.log_e2e_model(artifacts.REFERENCE_MODEL_NAME, snap.manifest, adapter_dir=adapter,
                                     tags={artifacts.SOURCE_MODEL_TAG: artifacts.model_uri(ckpt.model_id)},
-                                    with_input_example=False)
+                                    with_input_example=False, task_spec=task_spec)
     eval_run = None
     if metrics:
         with mlflow.start_run() as eval_run:
