@@ -49,6 +49,8 @@ for p in (str(ROOT), str(SELF.parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import record  # noqa: E402
+
 GB = 1e9
 STEPS = ("download_snapshot", "log_reference", "persist_and_register")
 OPS = (*STEPS, "cp")
@@ -342,6 +344,29 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def readme_rows(summary: dict, sizes: dict[str, int], repeats: int) -> list[dict]:
+    """The README table's rows: per step, the per-byte rate with sync against cp -r + sync's, and peak
+    RSS on the big checkpoint against the small one (the issue's goals: >= 0.8x, <= 1.1x)."""
+    big, small = sizes["big"] / GB, sizes["small"] / GB
+    cp = summary["per_byte"].get("cp", {})
+    rows = []
+    for op in STEPS:
+        pb, med = summary["per_byte"].get(op), summary["medians"].get(op, {})
+        if not pb or pb.get("rate_with_sync_vs_cp") is None:
+            continue
+        rss_ratio = med["big"]["peak_rss_bytes"] / med["small"]["peak_rss_bytes"]
+        rows.append({
+            "figure": f"P7 `{op}` per-byte rate with sync / `cp -r` + `sync`'s, from the difference between "
+                      f"a {big:.1f} GB and a {small:.1f} GB synthetic fp32 checkpoint (medians of {repeats}, "
+                      "alternated); peak RSS on the big one / on the small one",
+            "goal": ">= 0.8; peak RSS <= 1.1x",
+            "measured": f"{pb['rate_with_sync_vs_cp']:.2f} ({pb['rate_with_sync_mb_s']:.0f} vs "
+                        f"{cp.get('rate_with_sync_mb_s') or float('nan'):.0f} MB/s); peak RSS "
+                        f"{med['big']['peak_rss_bytes'] / 1e6:.0f} / {med['small']['peak_rss_bytes'] / 1e6:.0f} MB "
+                        f"({rss_ratio:.2f}x)"})
+    return rows
+
+
 def print_table(summary: dict, sizes: dict[str, int]) -> None:
     print(f"\nsizes: big {sizes['big'] / GB:.2f} GB, small {sizes['small'] / GB:.2f} GB (medians)")
     print(f"{'op':22s} {'big s':>8s} {'+sync':>8s} {'small s':>8s} {'MB/s':>8s} {'+sync':>8s} "
@@ -399,17 +424,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"peak RSS {row['peak_rss_bytes'] / 1e6:6.0f} MB", flush=True)
         summary = summarize(rows, sizes)
         print_table(summary, sizes)
-        report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "git_commit": git_commit(),
-                  "machine": machine(), "sizes_bytes": sizes,
-                  "checkpoints": {k: {"parameters": v["parameters"], "shape": v["shape"], "files": v["files"]}
-                                  for k, v in built.items()},
-                  "repeats": a.repeats, "rows": rows, **summary,
-                  "notes": "wall_s: the step's child process; +sync: `sync` after it; per-byte figures from "
-                           "the big-small difference (fixed costs cancel); vs cp: rate with sync / cp -r + "
-                           "sync's rate; RSS/B: peak RSS growth per byte moved"}
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        print(f"\nwrote {a.out}")
+        figures = {"sizes_bytes": sizes,
+                   "checkpoints": {k: {"parameters": v["parameters"], "shape": v["shape"], "files": v["files"]}
+                                   for k, v in built.items()},
+                   "repeats": a.repeats, "runs": rows, **summary, "tree_state": git_commit(),
+                   "notes": "wall_s: the step's child process; +sync: `sync` after it; per-byte figures from "
+                            "the big-small difference (fixed costs cancel); vs cp: rate with sync / cp -r + "
+                            "sync's rate; RSS/B: peak RSS growth per byte moved"}
+        record.write("scale", figures=figures, rows=readme_rows(summary, sizes, a.repeats), out=a.out)
     finally:
         if not a.keep and a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -67,6 +67,18 @@ def test_per_byte_rates_come_from_the_difference_so_fixed_costs_cancel():
     assert got["medians"]["cp"]["big"]["wall_s"] == pytest.approx(0.01 + 5.0 + 0.001)
 
 
+def test_readme_rows_state_each_steps_ratio_and_memory_against_the_goal():
+    sizes = {"big": 5000 * MB, "small": 1000 * MB}
+    rows = (_rows("download_snapshot", 9.0, 400, sizes, rss_per_byte=0.01)
+            + _rows("persist_and_register", 12.0, 800, sizes) + _rows("cp", 0.01, 1000, sizes))
+    got = bs.readme_rows(bs.summarize(rows, sizes), sizes, 3)
+    assert [r["goal"] for r in got] == [">= 0.8; peak RSS <= 1.1x"] * 2  # log_reference: not measured
+    assert got[0]["figure"].startswith("P7 `download_snapshot` per-byte rate with sync")
+    assert "5.0 GB and a 1.0 GB" in got[0]["figure"] and "medians of 3" in got[0]["figure"]
+    assert got[0]["measured"].startswith("0.40 (400 vs 1000 MB/s); peak RSS ")
+    assert got[1]["measured"].startswith("0.80 (800 vs 1000 MB/s)")
+
+
 def test_marginal_and_rate_edge_cases():
     assert bs.marginal(2.0, 1.0, 10, 10) is None
     assert bs.rate_mb_s(None) is None and bs.rate_mb_s(-1.0) is None
