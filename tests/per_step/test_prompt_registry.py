@@ -33,7 +33,7 @@ def _served_tokens(model_uri: str, sentence: str) -> tuple[list[int], list[int]]
     client = mlflow.MlflowClient()
     name, version = model_uri.removeprefix("models:/").split("/")
     uri = client.get_model_version(name, version).tags[prompts.PROMPT_URI_TAG]
-    template = mlflow.genai.load_prompt(uri).template
+    template = mlflow.MlflowClient().load_prompt(uri).template
     ext = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     tok = ext.tokenizer
     served = encode_prompts(tok, [sentence], ext.task, ext.system_prompt)[0]
@@ -55,7 +55,7 @@ def test_the_registered_version_links_its_prompt_which_renders_to_the_served_pro
     client = mlflow.MlflowClient()
     mv = client.get_model_version(NAME, res.version)
     assert mv.tags[prompts.PROMPT_URI_TAG] == res.prompt_uri
-    prompt = mlflow.genai.load_prompt(res.prompt_uri)
+    prompt = mlflow.MlflowClient().load_prompt(res.prompt_uri)
     assert prompt.template == [{"role": "system", "content": "Answer with one JSON object."},
                                {"role": "user", "content": "{{prompt}}"}]
     assert prompt.tags["task"] == "json" and prompt.tags["registered_model"] == NAME
@@ -81,7 +81,7 @@ def test_one_prompt_version_per_distinct_template_and_the_e2e_prompt_carries_its
                                                      metrics=better).uri, registered_name=NAME))
     assert (first.version, same.version) == ("1", "2")
     assert first.prompt_uri == same.prompt_uri == "prompts:/prompt-registry-test.prompt/1"
-    template = mlflow.genai.load_prompt(first.prompt_uri).template
+    template = mlflow.MlflowClient().load_prompt(first.prompt_uri).template
     assert template == [{"role": "system", "content": e2e.SYSTEM_PROMPT},
                         {"role": "user", "content": e2e.INSTRUCTION + "{{prompt}}"}]
     served, rendered = _served_tokens(first.registered_uri, SENTENCE)
@@ -93,7 +93,7 @@ def test_one_prompt_version_per_distinct_template_and_the_e2e_prompt_carries_its
     # Rerunning on a registered source reuses its version and its prompt: nothing new in the registry.
     again = par.run(par.Args(model_uri=other.uri, registered_name=NAME))
     assert again.reused_version and again.prompt_uri == changed.prompt_uri
-    assert mlflow.genai.load_prompt("prompts:/prompt-registry-test.prompt@latest").version == 2
+    assert mlflow.MlflowClient().load_prompt("prompts:/prompt-registry-test.prompt@latest").version == 2
 
 
 def test_a_prompt_registry_that_refuses_leaves_the_registration_and_says_why(
