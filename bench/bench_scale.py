@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -318,32 +317,6 @@ def measure(bench: Bench, op: str, label: str, ckpt: Path, setup: dict, rep: int
             "peak_rss_bytes": got["peak_rss_bytes"], "bytes": moved}
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = ""
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "memory_gb":
-            round(psutil.virtual_memory().total / GB, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "load_avg_at_start": os.getloadavg()}
-
-
-def git_commit() -> str:
-    """HEAD, with `-dirty` when the tree has uncommitted changes (the figures are then not HEAD's)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def readme_rows(summary: dict, sizes: dict[str, int], repeats: int) -> list[dict]:
     """The README table's rows: per step, the per-byte rate with sync against cp -r + sync's, and peak
     RSS on the big checkpoint against the small one (the issue's goals: >= 0.8x, <= 1.1x)."""
@@ -427,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = {"sizes_bytes": sizes,
                    "checkpoints": {k: {"parameters": v["parameters"], "shape": v["shape"], "files": v["files"]}
                                    for k, v in built.items()},
-                   "repeats": a.repeats, "runs": rows, **summary, "tree_state": git_commit(),
+                   "repeats": a.repeats, "runs": rows, **summary, "tree_state": record.git_commit(),
                    "notes": "wall_s: the step's child process; +sync: `sync` after it; per-byte figures from "
                             "the big-small difference (fixed costs cancel); vs cp: rate with sync / cp -r + "
                             "sync's rate; RSS/B: peak RSS growth per byte moved"}

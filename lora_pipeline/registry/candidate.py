@@ -43,7 +43,7 @@ class Candidate:
 
     @property
     def artifact_names(self) -> dict:
-        return self.mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+        return pyfunc_artifacts(self.mlmodel)
 
     @property
     def self_contained(self) -> bool:
@@ -82,6 +82,11 @@ def latest_metrics(model) -> tuple[dict[str, float], dict[str, str]]:
             {k: m.run_id or "" for k, m in best.items()})
 
 
+def pyfunc_artifacts(mlmodel: dict | None) -> dict:
+    """The pyfunc flavor's artifacts of an MLmodel: name -> {"path": ...}."""
+    return (mlmodel or {}).get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+
+
 def read_candidate(client, model_uri: str) -> Candidate:
     """The READY logged model `models:/<model_id>`, with its MLmodel, manifest and metrics; an
     InputError naming `model_uri` when it is no E2E extractor this pipeline logged."""
@@ -111,10 +116,9 @@ def read_candidate(client, model_uri: str) -> Candidate:
             ref = f"{artifacts.MODEL_ARTIFACTS_DIR}/{artifacts.BASE_REF_ARTIFACT}"
             manifest = Manifest.from_json(Path(repo.download_artifacts(ref, tmp)).read_text())
             spec = None
-            pyfunc_arts = (mlmodel or {}).get("flavors", {}).get("python_function", {}).get("artifacts") or {}
-            if artifacts.TASK_ARTIFACT in pyfunc_arts:
-                spec_path = pyfunc_arts[artifacts.TASK_ARTIFACT].get("path", "")
-                spec = json.loads(Path(repo.download_artifacts(spec_path, tmp)).read_text())
+            task_file = pyfunc_artifacts(mlmodel).get(artifacts.TASK_ARTIFACT)
+            if task_file:
+                spec = json.loads(Path(repo.download_artifacts(task_file.get("path", ""), tmp)).read_text())
         except (OSError, ValueError, MlflowException) as err:
             raise InputError(Problem("model_uri", model_uri, "is not an E2E extractor model "
                                      f"(no {artifacts.BASE_REF_ARTIFACT} / MLmodel: "
