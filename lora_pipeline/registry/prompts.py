@@ -2,7 +2,7 @@
 
 The prompt a model was trained with travels inside the model as `task.json` (task name and system
 prompt; the served model builds its turns from it). Here the same turns also go to MLflow's prompt
-registry, as a chat template with one variable, `{{prompt}}` (the user's text), so a team can read,
+registry, as a chat template with one variable, `{{text}}` (the user's text), so a team can read,
 diff and alias the prompt in MLflow's UI next to the model:
 
   * prompt `<registered name>.prompt` (registered model names may hold spaces; prompt names may not, so
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 log = logging.getLogger(__name__)
 
-PROMPT_VARIABLE = "prompt"
+# Not "prompt": PromptVersion.format(prompt=...) clashes with format_prompt's own first argument in
+# mlflow 3.17 (TypeError), so the registered prompt could not be formatted with MLflow's API.
+PROMPT_VARIABLE = "text"
 PROMPT_URI_TAG = "prompt_uri"
 PROMPT_ERROR_TAG = "prompt_registry_error"
 
@@ -39,7 +40,7 @@ def prompt_name(registered_name: str) -> str:
 
 def prompt_template(task_spec: dict | None) -> list[dict[str, str]]:
     """The turns the model sees before its answer, as a chat template: the task's system prompt (the one
-    in task.json) and the user turn as the task shapes it, with `{{prompt}}` where the user's text goes.
+    in task.json) and the user turn as the task shapes it, with `{{text}}` where the user's text goes.
     Formatting it with a text gives the turns the served model builds for that text."""
     from lora_pipeline.task.tasks import task_from_spec
 
@@ -76,8 +77,3 @@ def link_prompt(client, registered_name: str, version: str, model_id: str, task_
     log.info("prompt %s linked to %s version %s", uri, registered_name, version)
     return uri
 
-
-def render(template: list[dict[str, Any]], text: str) -> list[dict[str, str]]:
-    """The template's turns with the user's text in place of `{{prompt}}`."""
-    return [{"role": t["role"], "content": str(t["content"]).replace("{{" + PROMPT_VARIABLE + "}}", text)}
-            for t in template]

@@ -368,7 +368,7 @@ def test_main_pipeline_against_the_server(server, use_server, tiny_model_dir, ve
 
     prompt_uri = client.get_model_version(name, version).tags[prompts.PROMPT_URI_TAG]
     assert prompt_uri == f"prompts:/{prompts.prompt_name(name)}/1"
-    assert client.load_prompt(prompt_uri).template[-1]["content"].endswith("{{prompt}}")
+    assert client.load_prompt(prompt_uri).template[-1]["content"].endswith("{{text}}")
     assert prompts.prompt_name(name) in persisted.tags["mlflow.linkedPrompts"]
     with server.pg() as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),))

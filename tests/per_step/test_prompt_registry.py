@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_persist import GOOD, make_candidate, snapshot
 
 from lora_pipeline.registry import prompts
 from steps import persist_and_register as par
-
-from test_persist import GOOD, make_candidate, snapshot
 
 NAME = "prompt registry test"  # a space: registered names may hold one, prompt names may not
 JSON_GOOD = {"field_f1": 0.8, "base_field_f1": 0.3}
@@ -33,11 +32,11 @@ def _served_tokens(model_uri: str, sentence: str) -> tuple[list[int], list[int]]
     client = mlflow.MlflowClient()
     name, version = model_uri.removeprefix("models:/").split("/")
     uri = client.get_model_version(name, version).tags[prompts.PROMPT_URI_TAG]
-    template = mlflow.MlflowClient().load_prompt(uri).template
+    prompt = mlflow.MlflowClient().load_prompt(uri)
     ext = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     tok = ext.tokenizer
     served = encode_prompts(tok, [sentence], ext.task, ext.system_prompt)[0]
-    text = tok.apply_chat_template(prompts.render(template, sentence), tokenize=False,
+    text = tok.apply_chat_template(prompt.format(text=sentence), tokenize=False,
                                    add_generation_prompt=True)
     return served, tok(text, add_special_tokens=False)["input_ids"]
 
@@ -57,7 +56,7 @@ def test_the_registered_version_links_its_prompt_which_renders_to_the_served_pro
     assert mv.tags[prompts.PROMPT_URI_TAG] == res.prompt_uri
     prompt = mlflow.MlflowClient().load_prompt(res.prompt_uri)
     assert prompt.template == [{"role": "system", "content": "Answer with one JSON object."},
-                               {"role": "user", "content": "{{prompt}}"}]
+                               {"role": "user", "content": "{{text}}"}]
     assert prompt.tags["task"] == "json" and prompt.tags["registered_model"] == NAME
     # Linked to the registered version's own logged model (MLflow's tag on the model).
     persisted_id = res.persisted_model_uri.removeprefix("models:/")
@@ -83,7 +82,7 @@ def test_one_prompt_version_per_distinct_template_and_the_e2e_prompt_carries_its
     assert first.prompt_uri == same.prompt_uri == "prompts:/prompt-registry-test.prompt/1"
     template = mlflow.MlflowClient().load_prompt(first.prompt_uri).template
     assert template == [{"role": "system", "content": e2e.SYSTEM_PROMPT},
-                        {"role": "user", "content": e2e.INSTRUCTION + "{{prompt}}"}]
+                        {"role": "user", "content": e2e.INSTRUCTION + "{{text}}"}]
     served, rendered = _served_tokens(first.registered_uri, SENTENCE)
     assert served == rendered
     other = make_candidate(tmp_path, tiny_model_dir, snap, seed=3, metrics=dict(GOOD, slot_f1=0.95),
