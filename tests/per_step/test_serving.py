@@ -83,14 +83,19 @@ def subprocess_env() -> dict[str, str]:
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 1, scale: float = 0.5) -> Path:
     """A LoRA adapter on the base with non-zero B (a fresh LoRA is a no-op: B starts at 0), drawn
-    with standard deviation `scale`."""
+    with standard deviation `scale`; the same adapter for the same `seed` whatever ran before."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            task_type="CAUSAL_LM"))
+    # LoRA A is drawn by PEFT from the global generator: seeded here, else the adapter (and every
+    # answer) would depend on which tests ran before (batch_score's comparison with in-process
+    # predict met a near-tied token only in CI's test order that way).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
