@@ -1,8 +1,10 @@
-"""Copying a checkpoint while hashing it (lora_pipeline/base/transfer.py): each byte read once, the digests
-and order `describe_dir` gives, complete files only under their names, one fsync per file."""
+"""Copying a checkpoint while hashing it (lora_pipeline/base/transfer.py): the digests and order
+`describe_dir` gives, by both ways of copying (the kernel copy hashed alongside, and read once), complete
+files only under their names, one fsync per file, a source changed during the copy refused."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -15,6 +17,22 @@ from lora_pipeline.base.manifest import describe_dir
 from lora_pipeline.errors import StepError
 
 CHUNK = 4096
+# The two ways transfer copies a file: `kernel` lowers KERNEL_COPY_MIN so that every non-empty test
+# file takes the kernel copy (real checkpoints' weights do: they are far above 16 MiB).
+WAYS = ["read_once", "kernel"]
+
+
+def _kernel_copy_for_every_file(monkeypatch) -> None:
+    if not transfer._HAS_KERNEL_COPY:
+        pytest.skip("no os.copy_file_range on this platform")
+    monkeypatch.setattr(transfer, "KERNEL_COPY_MIN", 1)
+
+
+@pytest.fixture(params=WAYS)
+def way(request, monkeypatch):
+    if request.param == "kernel":
+        _kernel_copy_for_every_file(monkeypatch)
+    return request.param
 
 
 def _tree(root):
@@ -34,7 +52,7 @@ def _tree(root):
     return files
 
 
-def test_copies_every_byte_and_returns_describe_dirs_entries(tmp_path):
+def test_copies_every_byte_and_returns_describe_dirs_entries(tmp_path, way):
     src, dst = tmp_path / "src", tmp_path / "dst"
     files = _tree(src)
     entries = transfer.copy_tree_hashed(src, dst, list(files), chunk=CHUNK)
@@ -53,7 +71,7 @@ def test_only_the_named_files_are_copied(tmp_path):
         "config.json", "sub/deeper/tokenizer.json"]
 
 
-def test_one_worker_and_several_give_the_same_result(tmp_path):
+def test_one_worker_and_several_give_the_same_result(tmp_path, way):
     src = tmp_path / "src"
     _tree(src)
     names = [p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()]
@@ -63,7 +81,8 @@ def test_one_worker_and_several_give_the_same_result(tmp_path):
 
 
 def test_each_source_byte_is_read_once(tmp_path, monkeypatch):
-    """The point of the module: hashing comes from the bytes read for the copy, not a second read."""
+    """Read once (files under KERNEL_COPY_MIN): hashing comes from the bytes read for the copy, not a
+    second read."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     files = _tree(src)
     read = {"bytes": 0}
@@ -94,7 +113,7 @@ def test_each_source_byte_is_read_once(tmp_path, monkeypatch):
     assert read["bytes"] == sum(len(d) for d in files.values())
 
 
-def test_each_file_and_directory_is_fsynced_once(tmp_path, monkeypatch):
+def test_each_file_and_directory_is_fsynced_once(tmp_path, monkeypatch, way):
     src, dst = tmp_path / "src", tmp_path / "dst"
     files = _tree(src)
     calls = []
@@ -108,7 +127,7 @@ def test_each_file_and_directory_is_fsynced_once(tmp_path, monkeypatch):
     assert calls == []
 
 
-def test_copy_file_hashed_returns_size_and_digest(tmp_path):
+def test_copy_file_hashed_returns_size_and_digest(tmp_path, way):
     src = tmp_path / "w.safetensors"
     data = os.urandom(3 * CHUNK + 7)
     src.write_bytes(data)
@@ -119,7 +138,7 @@ def test_copy_file_hashed_returns_size_and_digest(tmp_path):
     assert progress == [CHUNK, CHUNK, CHUNK, 7]
 
 
-def test_a_source_that_grows_while_copied_is_an_error_and_leaves_no_file(tmp_path):
+def test_a_source_that_grows_while_copied_is_an_error_and_leaves_no_file(tmp_path, way):
     src = tmp_path / "w.bin"
     src.write_bytes(os.urandom(3 * CHUNK))
     dst = tmp_path / "out" / "w.bin"
@@ -145,3 +164,77 @@ def test_a_missing_source_leaves_no_partial_file(tmp_path):
 def test_names_must_stay_inside_the_tree(tmp_path, name):
     with pytest.raises(ValueError, match="is not a relative path inside the tree"):
         transfer.copy_tree_hashed(tmp_path, tmp_path / "dst", [name])
+
+
+def test_the_kernel_copies_big_files_and_each_byte_is_hashed_from_one_read(tmp_path, monkeypatch):
+    """A file of KERNEL_COPY_MIN bytes: copied by copy_file_range, hashed by one read of each byte."""
+    src = tmp_path / "w.safetensors"
+    data = os.urandom(transfer.KERNEL_COPY_MIN + 3 * CHUNK + 5)
+    src.write_bytes(data)
+    if not transfer._HAS_KERNEL_COPY:
+        pytest.skip("no os.copy_file_range on this platform")
+    counted = {"copied": 0, "hashed": 0}
+    real_cfr, real_preadv = os.copy_file_range, os.preadv
+
+    def cfr(*a):
+        n = real_cfr(*a)
+        counted["copied"] += n
+        return n
+
+    def preadv(*a):
+        n = real_preadv(*a)
+        counted["hashed"] += n
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", cfr)
+    monkeypatch.setattr(os, "preadv", preadv)
+    size, sha = transfer.copy_file_hashed(src, tmp_path / "out" / "w.safetensors", chunk=CHUNK)
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert counted == {"copied": len(data), "hashed": len(data)}
+    assert (tmp_path / "out" / "w.safetensors").read_bytes() == data
+
+
+def test_where_the_kernel_refuses_the_file_is_read_once_instead(tmp_path, monkeypatch):
+    _kernel_copy_for_every_file(monkeypatch)
+    src = tmp_path / "w.bin"
+    data = os.urandom(3 * CHUNK + 7)
+    src.write_bytes(data)
+
+    def refuse(*_a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    size, sha = transfer.copy_file_hashed(src, tmp_path / "out" / "w.bin", chunk=CHUNK)
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (tmp_path / "out" / "w.bin").read_bytes() == data
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["w.bin"]
+
+
+def test_a_source_written_to_in_place_during_the_kernel_copy_is_refused(tmp_path, monkeypatch):
+    """Same size, other bytes: the hash and the kernel's copy may have read different bytes, so the
+    modification time moving is an error and the file never gets its name. (Read once hashes the very
+    bytes it writes.)"""
+    _kernel_copy_for_every_file(monkeypatch)
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(3 * CHUNK))
+    os.utime(src, ns=(10**18, 10**18))  # a past write: the kernel's mtime clock is coarse (ms)
+
+    def overwrite_first_byte(_n):
+        with open(src, "r+b") as f:
+            f.write(b"\0")
+
+    dst = tmp_path / "out" / "w.bin"
+    with pytest.raises(StepError, match=re.escape(f"{src} changed while it was copied ({3 * CHUNK} bytes when "
+                                                  f"the copy started, {3 * CHUNK} copied, then written to)")):
+        transfer.copy_file_hashed(src, dst, chunk=CHUNK, on_progress=overwrite_first_byte)
+    assert list(dst.parent.iterdir()) == []
+
+
+def test_an_expected_digest_that_differs_is_refused_by_both_ways(tmp_path, way):
+    src = tmp_path / "w.bin"
+    src.write_bytes(os.urandom(2 * CHUNK + 1))
+    wrong = transfer.FileEntry("w.bin", 2 * CHUNK + 1, "0" * 64)
+    dst = tmp_path / "out" / "w.bin"
+    with pytest.raises(StepError, match=r"differs from its recorded size and digest \(sha256 \w+… != 000000000000…"):
+        transfer.copy_file_hashed(src, dst, chunk=CHUNK, expect=wrong)
+    assert list(dst.parent.iterdir()) == []
