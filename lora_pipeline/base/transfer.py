@@ -174,7 +174,7 @@ def _kernel_copy(in_fd: int, out_fd: int, size: int, chunk: int, on_progress) ->
     """The kernel copies (`os.copy_file_range`, CHUNK bytes a call, writeback started after each)
     while a second thread hashes the source from the page cache, `chunk` bytes at a time; both
     release the GIL. Returns (bytes copied, digest), or (None, None) when the kernel refuses the
-    first call (another filesystem, an old kernel): nothing has been written then."""
+    first call or copies nothing (another filesystem, an old kernel): nothing has been written then."""
     import threading
 
     digest = hashlib.sha256()
@@ -204,6 +204,9 @@ def _kernel_copy(in_fd: int, out_fd: int, size: int, chunk: int, on_progress) ->
             os.ftruncate(out_fd, 0)
             return None, None
         raise
+    if first == 0:  # nothing copied from a non-empty file: some filesystems answer so (procfs-like)
+        log.debug("the kernel copied nothing: reading and writing instead")
+        return None, None
     hasher = threading.Thread(target=hash_source, name="copy-hash", daemon=True)
     hasher.start()
     copied = first
