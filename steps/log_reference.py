@@ -10,8 +10,8 @@ Two ways in (exactly one):
   * `full_model_dir`: a plain local directory holding a complete checkpoint (config.json,
     safetensors weights, tokenizer). Logged file by file without loading the weights (the
     memory-efficient path): only the safetensors headers are read, to reject a truncated file
-    (lora_pipeline/model/full_checkpoint.py); with a local store each file is then read once, copied
-    straight into the model's artifacts and hashed on the way for `artifact_digests.json`
+    (lora_pipeline/model/full_checkpoint.py); with a local store each file is then copied straight
+    into the model's artifacts and hashed on the way for `artifact_digests.json`
     (serving.log_e2e_model). `task` and `system_prompt` say what it was trained for; they travel
     with it as `task.json`, as with a checkpoint (whose own task.json they must agree with).
 

@@ -28,7 +28,7 @@ def log_snapshot(run_id: str, *, kind: str, task: str, root: Path, names: Sequen
     files_dir = local_files_dir(run_id) if copy else None
     if files_dir is not None:
         # A local store: copy the files straight into the run's artifacts and hash the bytes on the
-        # way (one read of each file instead of a hashing pass and then MLflow's copy).
+        # way (transfer.copy_tree_hashed; not a hashing pass and then MLflow's copy).
         log.info("copying %d files into %s with their sha256", len(names), files_dir)
         entries = copy_tree_hashed(root, files_dir, names)
     else:

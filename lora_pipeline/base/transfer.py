@@ -246,8 +246,8 @@ def copy_tree_hashed(src_root: Path, dst_root: Path, names: Sequence[str] | None
                      on_progress: Callable[[int], None] | None = None,
                      expected: Sequence[FileEntry] | None = None,
                      mismatch: Mismatch | None = None) -> list[FileEntry]:
-    """Copy `names` (relative posix paths) from `src_root` to `dst_root`, each byte read once, and
-    return their entries (path, size, sha256 of the bytes written) in `describe_dir`'s order, so a
+    """Copy `names` (relative posix paths) from `src_root` to `dst_root`, hashing them on the way, and
+    return their entries (path, size, sha256 of the bytes copied) in `describe_dir`'s order, so a
     manifest built from them is the one `describe_dir` would give. `workers` files at a time.
 
     `expected` (entries with the sizes and digests the files must have; their paths are the names

@@ -156,8 +156,8 @@ def _local_snapshot_dir(manifest: Manifest) -> Path | None:
 
 
 def _copy_local_base(src: Path, final: Path, manifest: Manifest) -> Path:
-    """Copy the pinned files into the cache, hashing them on the way: each byte read once, where a
-    download followed by `verify_dir` reads it twice."""
+    """Copy the pinned files into the cache, hashing them on the way (`transfer.copy_tree_hashed`),
+    where a download followed by `verify_dir` reads them twice one after the other."""
     from lora_pipeline.base.transfer import copy_tree_hashed
 
     tmp = temp_dir_beside(final)
@@ -651,7 +651,7 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
     Weights are never loaded here: the adapter / checkpoint folders are copied file by file, so memory
     stays flat however large the model (the memory-efficient path for full checkpoints). A full
     checkpoint going to a local store is copied by this project straight into the model's artifact
-    location, hashed on the way (each byte read once, written once, fsynced), and listed in the
+    location, hashed on the way (`transfer.copy_tree_hashed`: written once, fsynced), and listed in the
     MLmodel; MLflow's own logging would read it three times (hash, copy into a temp model dir, copy
     into the store) and write it twice.
     With an input example MLflow validates serving by loading the model and predicting once (seconds
@@ -668,8 +668,8 @@ def log_e2e_model(name: str, manifest: Manifest, *, adapter_dir: Path | None = N
 
     if (adapter_dir is None) == (full_model_dir is None):
         raise ValueError("log_e2e_model needs exactly one of adapter_dir / full_model_dir")
-    # A full checkpoint is written straight into a local store and hashed on the way (each byte read
-    # once), unless MLflow's serving check must load the model from the temp copy it makes.
+    # A full checkpoint is written straight into a local store and hashed on the way (no hashing
+    # pass, no temp copy), unless MLflow's serving check must load the model from the temp copy it makes.
     place_full = full_model_dir is not None and not (validate_serving_input and with_input_example)
     model = placed_dir = None
     try:
