@@ -8,9 +8,8 @@ reads and hashes, not the disk, were most of the time. Two ways of copying, one 
 - **Kernel copy, hashed alongside** (files of `KERNEL_COPY_MIN` bytes or more, on Linux): the kernel
   copies the file (`copy_file_range`, as `cp` does: no pass through user space), writeback starting
   after each CHUNK, while a second thread hashes the source from the page cache. The copy and the
-  hash overlap on two cores, and the disk writes start at once. On the P7 checkpoint (5.0 GB in 6
-  shards, 2 cores) this made the copy about as fast as `cp -r` + `sync`, where reading, hashing and
-  writing in one thread ran at about half its rate (`bench/bench_scale.py` measures the steps).
+  hash overlap on two cores, and the disk writes start at once, where reading, hashing and writing in
+  one thread did all three in turn (`bench/bench_scale.py`, P7, measures the steps that copy).
   The hash and the copy are two reads of the source, so a source written to during the copy (its
   modification time moves) is refused as "changed while it was copied"; the kernel's clock for
   that time is coarse (a few ms), which is why a file must not be written while it is pinned at all.
