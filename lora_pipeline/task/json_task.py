@@ -28,8 +28,6 @@ from lora_pipeline.task.e2e import f1
 _FENCE = re.compile(r"^```[A-Za-z]*\s*\n?(.*?)\n?```$", re.S)
 # MLflow metric names allow letters, digits, _ - . / and spaces; anything else in a field name is _.
 _METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./]")
-# json.dumps separators of a target: no space after "," or ":" (JsonTask.target_text says why).
-COMPACT = (",", ":")
 
 
 def _value(v: Any) -> str:
@@ -91,14 +89,8 @@ class JsonTask(Task):
 
     def target_text(self, completion: str) -> str:
         # Compact and uniform (the data's key order kept: it is part of what the model learns).
-        # Compact means no spaces after "," and ":": with SmolLM2's tokenizer `", "` and `": "` each
-        # cost a token of their own (`' "'`), so the 8-slot E2E object
-        # {"name":"The Punter",...,"near":"Café Sicilia"} is 48 tokens compact against 63 spaced (the
-        # same content as its 47-token MR). Every one of those tokens is paid in every training step
-        # and generated in every answer, and the loss is a mean over target tokens, so filler tokens
-        # also dilute the gradient on the values (tests/unit/test_tasks.py pins the form).
         obj = parse_json_object(completion)
-        return completion.strip() if obj is None else json.dumps(obj, ensure_ascii=False, separators=COMPACT)
+        return completion.strip() if obj is None else json.dumps(obj, ensure_ascii=False)
 
     def check_target(self, completion: str) -> tuple[str, str] | None:
         try:

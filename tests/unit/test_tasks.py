@@ -151,10 +151,7 @@ def test_multi_turn_conversation_keeps_every_assistant_turn_as_a_target():
              {"role": "assistant", "content": '{"name": "Kobo"}'}]
     messages, targets = task.conversation(Example(turns, [False, True, False, True]), "Extract.")
     assert targets == [False, False, True, False, True]
-    # Targets normalised to compact JSON (no space after , or :), the data's key order kept.
-    assert messages[2]["content"] == '{"name":"Kobo","type":"pub"}'
-    assert messages[4]["content"] == '{"name":"Kobo"}'
-    assert task.target_text('{"near": ["Café Sicilia"], "a": {"b": 1}}') == '{"near":["Café Sicilia"],"a":{"b":1}}'
+    assert messages[2]["content"] == '{"name": "Kobo", "type": "pub"}'  # targets normalised
     prompt = task.format_prompt(PlainTokenizer(), turns[:3], "Extract.")
     assert prompt.startswith("Extract.\nKobo is a pub.\n") and prompt.endswith("Only the name.\nJSON: ")
 
@@ -203,8 +200,8 @@ def test_json_targets_are_checked_and_normalised():
     reason, detail = task.check_target('{"a": 1,}')
     assert reason == "have a target that is not valid JSON" and "line 1" in detail
     assert task.check_target('["a"]') == ("have a target that is not a JSON object", "a JSON list")
-    assert task.target_text(' {"b": 1,  "a" : "é"} ') == '{"b":1,"a":"é"}'  # key order kept, compact
-    assert task.answer_text(PlainTokenizer(), '{"a": 1}') == '{"a":1}</s>'
+    assert task.target_text(' {"b":1,  "a": "é"} ') == '{"b": 1, "a": "é"}'  # key order kept
+    assert task.answer_text(PlainTokenizer(), '{"a":1}') == '{"a": 1}</s>'
 
 
 # --- text --------------------------------------------------------------------------------------
