@@ -88,8 +88,8 @@ class JsonTask(Task):
     target_fix = 'make each target one JSON object, e.g. {"name": "Kobo", "area": "riverside"}'
 
     def target_text(self, completion: str) -> str:
-        # Compact and uniform (the data's key order kept: it is part of what the model learns).
-        # json.dumps' default separators (a space after , and :) on purpose: targets without those
+        # One form for every target (the data's key order kept: it is part of what the model learns),
+        # with json.dumps' default separators (a space after , and :) on purpose: targets without those
         # spaces are fewer tokens, but on the E2E json benchmark (bench/bench_quality.py --task json,
         # seed 0) the model trained on them scored lower field F1 on finetune's held-out split (the
         # validation rows, not the test split), mostly on customer rating and priceRange.
