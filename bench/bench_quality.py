@@ -8,6 +8,11 @@ the checkpoint are chosen on train/validation only: `finetune` gets train + vali
 validation split from them by MR (its seed) and keeps the checkpoint with the best validation loss. The
 test rows are read only by `evaluate_checkpoint`, after training, once per seed.
 
+Each seed's model is also scored on finetune's own held-out split (`validation` in the results: rows
+of the train + validation side, never test), as evaluate_checkpoint generates. That is the figure to
+choose settings by: `--validation_only` trains, scores validation and stops, reading no test row and
+writing no file under bench/results (its figures go to <workdir>/validation.json).
+
 The base gets a fair chance too: besides the zero-shot prompt the pipeline uses, it is scored with a
 few-shot prompt (k train examples as earlier chat turns).
 
@@ -22,6 +27,7 @@ has none; the validation carve grouped by the normalised MR, so it holds out the
 out for the same seed). Field F1 (micro) is compared with the e2e slot F1 of bench/results/quality.json.
 
     flock /tmp/heavy.lock .venv/bin/python bench/bench_quality.py [--minutes 15] [--seeds 0,1,2] [--task json]
+        [--validation_only]
 
 Writes bench/results/quality.json (`--task json`: quality_json.json). Needs
 ../shared/e2e/devset-cleaned.csv (benchmarks only).
@@ -52,8 +58,9 @@ import record  # noqa: E402
 DATA = ROOT.parent / "shared" / "e2e" / "devset-cleaned.csv"
 TEST_BELOW, VALIDATION_BELOW = 26, 52  # of 256: ~10% test, ~10% validation
 # Per task: the primary metric and the other means reported. json answers are generated up to
-# JSON_MAX_NEW_TOKENS: with SmolLM2's tokenizer the JSON targets of devset-cleaned are 45 tokens on average
-# and 64 at most (MRs: 34, 48), so evaluate_checkpoint's default 64 leaves no margin for JSON.
+# JSON_MAX_NEW_TOKENS, not evaluate_checkpoint's default 64: JSON targets are longer than MRs (the
+# run measures both with the base's tokenizer and records them as figures.target_tokens; the longest
+# JSON target must fit with a margin, which the run checks).
 METRICS = {"e2e": ("slot_f1", ("slot_precision", "slot_recall", "exact_match")),
            "json": ("field_f1", ("field_precision", "field_recall", "exact_match", "valid_json_rate"))}
 JSON_MAX_NEW_TOKENS = 128
@@ -158,6 +165,44 @@ def few_shot_base(base_dir: Path, shots: list[dict], test: list[dict], batch_siz
     return the_task.score(pairs).metrics
 
 
+def target_tokens(tokenizer, rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and longest target of `rows` ({mr, ref}) in tokens, as an MR and as the json task's
+    JSON object (no special tokens): what JSON_MAX_NEW_TOKENS must cover."""
+    out = {}
+    for name, text in (("mr", lambda r: r["mr"]), ("json", lambda r: mr_to_json(r["mr"]))):
+        lengths = [len(ids) for ids in tokenizer([text(r) for r in rows], add_special_tokens=False)["input_ids"]]
+        out[name] = {"mean": statistics.mean(lengths), "max": max(lengths)}
+    return out
+
+
+def score_validation(model_uri: str, task: str, max_new_tokens: int, batch_size: int = 32
+                     ) -> tuple[dict, list[tuple[str, str]]]:
+    """The model scored on the held-out split its finetune run logged (validation rows, never test),
+    generated as evaluate_checkpoint generates (same prompt, batching, precision auto): candidate only,
+    logged nowhere. The figure to choose settings by. Returns (figures, [(prompt, answer as the
+    evaluation table shows it)])."""
+    import mlflow
+
+    from lora_pipeline.model import evaluation
+    from lora_pipeline.task.eval_set import load_task_examples
+    from lora_pipeline.task.tasks import get_task
+    from lora_pipeline.tracking.lineage import validation_data
+
+    client = mlflow.MlflowClient()
+    source = validation_data(client, client.get_logged_model(model_uri.rsplit("/", 1)[-1]))
+    if not source:
+        raise SystemExit(f"{model_uri}: its finetune run logged no held-out split")
+    the_task = get_task(task)
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts, expected, _ = load_task_examples(source, "", the_task, None, Path(tmp))
+        extractor, _ = evaluation.load_candidate(model_uri, Path(tmp))
+        generated = evaluation.generate_timed(extractor, prompts, batch_size=batch_size,
+                                              max_new_tokens=max_new_tokens, precision="auto",
+                                              desc="validation")
+        metrics, rows = evaluation.score(expected, generated, "", the_task)
+    return {"rows": len(prompts), **metrics}, [(str(p), shown) for p, (shown, _) in zip(prompts, rows, strict=True)]
+
+
 def compare_with_e2e(field_f1: float, test_rows: int, minutes: float,
                      path: Path = record.RESULTS / "quality.json", seeds: list[int] | None = None,
                      ) -> tuple[dict, str]:
@@ -218,6 +263,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="")
     parser.add_argument("--task", choices=tuple(METRICS), default="e2e",
                         help="e2e: mr/ref rows; json: the same rows as messages with JSON targets (issue #14)")
+    parser.add_argument("--validation_only", action="store_true",
+                        help="train and score finetune's held-out split only: no test row is read, nothing is "
+                             "written under bench/results (<workdir>/validation.json instead); to choose settings")
     opts = parser.parse_args()
     if opts.augment_fraction is None:
         opts.augment_fraction = d.augment_fraction if opts.task == "e2e" else 0.0
@@ -252,11 +300,22 @@ def main() -> None:
     trainval = work / "trainval.jsonl"
     trainval.write_text("".join(json.dumps(convert(r)) + "\n" for r in splits["train"] + splits["validation"]))
     test_path = work / "test.jsonl"
-    test_path.write_text("".join(json.dumps(convert(r)) + "\n" for r in test))
+    if not opts.validation_only:
+        test_path.write_text("".join(json.dumps(convert(r)) + "\n" for r in test))
     n_mrs = {k: len({r["mr"] for r in v}) for k, v in splits.items()}
     print(f"split by MR: {', '.join(f'{k} {len(v)} rows / {n_mrs[k]} MRs' for k, v in splits.items())}")
 
     snap = download_snapshot.run(download_snapshot.Args())
+    from transformers import AutoTokenizer
+
+    lengths = target_tokens(AutoTokenizer.from_pretrained(snap.local_path), splits["train"] + splits["validation"])
+    print("target tokens (train + validation): " + ", ".join(
+        f"{k} mean {v['mean']:.1f}, longest {v['max']}" for k, v in lengths.items()))
+    new_tokens = JSON_MAX_NEW_TOKENS if opts.task == "json" else evaluate_checkpoint.Args().max_new_tokens
+    longest = lengths["json" if opts.task == "json" else "mr"]["max"]
+    if longest + 16 > new_tokens:  # 16 tokens of room: an answer a little longer than its target still ends
+        raise SystemExit(f"answers are generated up to {new_tokens} tokens, too few for targets of up to "
+                         f"{longest} tokens plus 16 of room")
     per_seed = []
     for seed in [int(s) for s in opts.seeds.split(",")]:
         budget = _time_budget_callback(opts.minutes * 60, opts.stop_step)
@@ -269,13 +328,29 @@ def main() -> None:
             callbacks=[budget])
         train_wall = time.perf_counter() - t0
         ref = log_reference.run(log_reference.Args(checkpoint_uri=ft.checkpoint_uri))
+        val, _ = score_validation(ref.model_uri, opts.task, new_tokens)
+        print(f"seed {seed}: {ft.global_step} steps in {train_wall / 60:.1f} min, best step {ft.best_step}; "
+              f"validation {label} {val[primary]:.3f} ({val['rows']} rows)", flush=True)
+        if opts.validation_only:
+            per_seed.append({"seed": seed, "steps": ft.global_step, "best_step": ft.best_step,
+                             "train_minutes": train_wall / 60, "validation": val})
+            continue
         ev = evaluate_checkpoint.run(evaluate_checkpoint.Args(model_uri=ref.model_uri, eval_data=str(test_path),
                                                               max_examples=0, **eval_args))
         per_seed.append({"seed": seed, "steps": ft.global_step, "best_step": ft.best_step,
-                         "train_minutes": train_wall / 60, "candidate": ev.candidate, "base": ev.base})
+                         "train_minutes": train_wall / 60, "validation": val, "candidate": ev.candidate,
+                         "base": ev.base})
         print(f"seed {seed}: {ft.global_step} steps in {train_wall / 60:.1f} min, best step {ft.best_step}; "
               f"test {label} {ev.candidate[primary]:.3f} (base zero-shot {ev.base[primary]:.3f})", flush=True)
 
+    val_f1 = mean_sd([s["validation"][primary] for s in per_seed])
+    if opts.validation_only:
+        out = {"command": " ".join(sys.argv), "commit": record.git_commit(), "options": vars(opts),
+               "target_tokens": lengths, "seeds": per_seed, primary: val_f1}
+        (work / "validation.json").write_text(json.dumps(out, indent=2))
+        print(f"\nvalidation {label} over seeds {opts.seeds}: {val_f1['mean']:.3f} ± {val_f1['sd']:.3f} "
+              f"({work / 'validation.json'}; no test row read)")
+        return
     shots = random.Random(0).sample(splits["train"], opts.shots)
     few = few_shot_base(Path(snap.local_path), shots, test, task=opts.task,
                         **({"max_new_tokens": JSON_MAX_NEW_TOKENS} if opts.task == "json" else {}))
@@ -291,7 +366,7 @@ def main() -> None:
         "split_rule": f"sha256(normalised MR)[0] < {TEST_BELOW} test, < {VALIDATION_BELOW} validation, else train",
         "rows": {k: len(v) for k, v in splits.items()}, "mrs": n_mrs, "test_rows_scored": len(test),
         "minutes": opts.minutes, "seeds": per_seed, primary: f1, "means": extra, "per_slot": per_slot,
-        "base_few_shot": few, "shots": opts.shots}
+        "base_few_shot": few, "shots": opts.shots, "validation": {primary: val_f1}, "target_tokens": lengths}
     base_text = f"base zero-shot {per_seed[0]['base'][primary]:.3f}, base {opts.shots}-shot {few[primary]:.3f}"
     if opts.task == "e2e":
         record.write("quality", figures=figures, rows=[{

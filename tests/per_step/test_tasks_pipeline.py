@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import mlflow
 import pandas as pd
@@ -14,6 +15,11 @@ import pytest
 import torch
 
 from steps import download_snapshot, evaluate_checkpoint, finetune, log_reference, persist_and_register
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_quality as bq  # noqa: E402
 
 VENUES = ["Kobo", "Aromi", "Zizzi", "Cotto", "Strada", "Giraffe", "Bibimbap", "Loch Fyne"]
 
@@ -65,6 +71,26 @@ def test_a_json_model_is_evaluated_served_and_gated_as_json(tracking, tiny_model
 
     gate = persist_and_register.run(persist_and_register.Args(model_uri=ref.model_uri, dry_run=True))
     assert gate.gate_metric == "field_f1"
+
+
+def test_the_quality_benchmark_scores_validation_rows_as_evaluate_checkpoint_does(tracking, sharp_model_dir,
+                                                                                   tmp_path):
+    """bench/bench_quality.py's validation score, what settings are chosen by, is the step's candidate
+    score on the same held-out rows: the same answers to the same prompts, the same metrics (the sharp
+    model answers each prompt differently, so answers from another split or decoding would show)."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"venue": name, "messages": [
+        {"role": "user", "content": f"{name} is a pub."},
+        {"role": "assistant", "content": json.dumps({"name": name})}]}) + "\n" for name in VENUES))
+    ref = _train(tracking, sharp_model_dir, data, task="json", group_column="venue")
+    res = evaluate_checkpoint.run(evaluate_checkpoint.Args(model_uri=ref.model_uri, max_new_tokens=8))
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{res.run_id}/eval_table.json"))
+
+    val, answers = bq.score_validation(ref.model_uri, "json", max_new_tokens=8)
+    assert len({a for _, a in answers}) == 2 and all(a for _, a in answers)
+    assert sorted(answers) == sorted((row[0], row[2]) for row in table["data"])
+    assert val.pop("rows") == res.examples == 2 and val.pop("tokens_per_s") > 0
+    assert val == {k: v for k, v in res.candidate.items() if k != "tokens_per_s"}
 
 
 def test_a_text_model_scores_rouge_and_token_f1(tracking, tiny_model_dir, tmp_path):

@@ -68,3 +68,14 @@ def test_a_one_seed_json_run_is_also_compared_with_the_e2e_run_of_the_same_seed(
     assert figures["same_seeds"]["met"] and figures["met"]
     assert text.endswith("; against the e2e run's same seed (0: slot F1 0.890): difference +0.015, within 0.02")
     assert "same_seeds" not in bq.compare_with_e2e(0.905, 100, 15.0, path, seeds=[0, 1, 2])[0]
+
+
+def test_target_lengths_are_measured_as_mrs_and_as_json_objects():
+    class Chars:  # a tokenizer with one token per character
+        def __call__(self, texts, add_special_tokens):
+            assert add_special_tokens is False
+            return {"input_ids": [list(t) for t in texts]}
+
+    rows = [{"mr": "name[Kobo]", "ref": "-"}, {"mr": "name[Kobo], area[riverside]", "ref": "-"}]
+    # '{"name": "Kobo"}' is 16 characters, '{"name": "Kobo", "area": "riverside"}' 37.
+    assert bq.target_tokens(Chars(), rows) == {"mr": {"mean": 18.5, "max": 27}, "json": {"mean": 26.5, "max": 37}}
