@@ -10,7 +10,7 @@ test rows are read only by `evaluate_checkpoint`, after training, once per seed.
 
 Each seed's model is also scored on finetune's own held-out split (`validation` in the results: rows
 of the train + validation side, never test), as evaluate_checkpoint generates. That is the figure to
-choose settings by: `--validation_only` trains, scores validation and stops, reading no test row and
+choose settings by: `--validation_only` trains, scores validation and stops, scoring no test row and
 writing no file under bench/results (its figures go to <workdir>/validation.json).
 
 The base gets a fair chance too: besides the zero-shot prompt the pipeline uses, it is scored with a
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--task", choices=tuple(METRICS), default="e2e",
                         help="e2e: mr/ref rows; json: the same rows as messages with JSON targets (issue #14)")
     parser.add_argument("--validation_only", action="store_true",
-                        help="train and score finetune's held-out split only: no test row is read, nothing is "
+                        help="train and score finetune's held-out split only: no test row is scored, nothing is "
                              "written under bench/results (<workdir>/validation.json instead); to choose settings")
     opts = parser.parse_args()
     if opts.augment_fraction is None:
@@ -349,7 +349,7 @@ def main() -> None:
                "target_tokens": lengths, "seeds": per_seed, primary: val_f1}
         (work / "validation.json").write_text(json.dumps(out, indent=2))
         print(f"\nvalidation {label} over seeds {opts.seeds}: {val_f1['mean']:.3f} ± {val_f1['sd']:.3f} "
-              f"({work / 'validation.json'}; no test row read)")
+              f"({work / 'validation.json'}; no test row scored)")
         return
     shots = random.Random(0).sample(splits["train"], opts.shots)
     few = few_shot_base(Path(snap.local_path), shots, test, task=opts.task,
