@@ -175,6 +175,18 @@ def target_tokens(tokenizer, rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def generation_limit(task: str, lengths: dict[str, dict[str, float]], default: int = 64) -> int:
+    """Answers' max_new_tokens for `task` (json: JSON_MAX_NEW_TOKENS; e2e: `default`, evaluate_checkpoint's),
+    checked against the longest target of `lengths` (target_tokens) with 16 tokens of room, so an answer
+    a little longer than its target still ends; SystemExit naming both numbers otherwise."""
+    new_tokens = JSON_MAX_NEW_TOKENS if task == "json" else default
+    longest = lengths["json" if task == "json" else "mr"]["max"]
+    if longest + 16 > new_tokens:
+        raise SystemExit(f"answers are generated up to {new_tokens} tokens, too few for targets of up to "
+                         f"{longest} tokens plus 16 of room")
+    return new_tokens
+
+
 def score_validation(model_uri: str, task: str, max_new_tokens: int, batch_size: int = 32
                      ) -> tuple[dict, list[tuple[str, str]]]:
     """The model scored on the held-out split its finetune run logged (validation rows, never test),
@@ -274,7 +286,7 @@ def main() -> None:
     # json: the rows as messages conversations; finetune splits them by MR (`group`) and scores JSON.
     convert = json_row if opts.task == "json" else (lambda r: r)
     task_args = {"task": "json", "group_column": "group"} if opts.task == "json" else {}
-    eval_args = {"task": "json", "max_new_tokens": JSON_MAX_NEW_TOKENS} if opts.task == "json" else {}
+    eval_args = {"task": "json"} if opts.task == "json" else {}
     if not DATA.is_file():
         raise SystemExit(f"needs {DATA.relative_to(ROOT.parent)} (the E2E dev split; benchmarks only)")
 
@@ -311,11 +323,7 @@ def main() -> None:
     lengths = target_tokens(AutoTokenizer.from_pretrained(snap.local_path), splits["train"] + splits["validation"])
     print("target tokens (train + validation): " + ", ".join(
         f"{k} mean {v['mean']:.1f}, longest {v['max']}" for k, v in lengths.items()))
-    new_tokens = JSON_MAX_NEW_TOKENS if opts.task == "json" else evaluate_checkpoint.Args().max_new_tokens
-    longest = lengths["json" if opts.task == "json" else "mr"]["max"]
-    if longest + 16 > new_tokens:  # 16 tokens of room: an answer a little longer than its target still ends
-        raise SystemExit(f"answers are generated up to {new_tokens} tokens, too few for targets of up to "
-                         f"{longest} tokens plus 16 of room")
+    new_tokens = generation_limit(opts.task, lengths, evaluate_checkpoint.Args().max_new_tokens)
     per_seed = []
     for seed in [int(s) for s in opts.seeds.split(",")]:
         budget = _time_budget_callback(opts.minutes * 60, opts.stop_step)
@@ -336,7 +344,8 @@ def main() -> None:
                              "train_minutes": train_wall / 60, "validation": val})
             continue
         ev = evaluate_checkpoint.run(evaluate_checkpoint.Args(model_uri=ref.model_uri, eval_data=str(test_path),
-                                                              max_examples=0, **eval_args))
+                                                              max_examples=0, max_new_tokens=new_tokens,
+                                                              **eval_args))
         per_seed.append({"seed": seed, "steps": ft.global_step, "best_step": ft.best_step,
                          "train_minutes": train_wall / 60, "validation": val, "candidate": ev.candidate,
                          "base": ev.base})
@@ -353,7 +362,7 @@ def main() -> None:
         return
     shots = random.Random(0).sample(splits["train"], opts.shots)
     few = few_shot_base(Path(snap.local_path), shots, test, task=opts.task,
-                        **({"max_new_tokens": JSON_MAX_NEW_TOKENS} if opts.task == "json" else {}))
+                        max_new_tokens=new_tokens)
     f1 = mean_sd([s["candidate"][primary] for s in per_seed])
     extra = {k: statistics.mean(s["candidate"][k] for s in per_seed) for k in keys}
     per_slot = {k: statistics.mean(s["candidate"][k] for s in per_seed)

@@ -79,3 +79,12 @@ def test_target_lengths_are_measured_as_mrs_and_as_json_objects():
     rows = [{"mr": "name[Kobo]", "ref": "-"}, {"mr": "name[Kobo], area[riverside]", "ref": "-"}]
     # '{"name": "Kobo"}' is 16 characters, '{"name": "Kobo", "area": "riverside"}' 37.
     assert bq.target_tokens(Chars(), rows) == {"mr": {"mean": 18.5, "max": 27}, "json": {"mean": 26.5, "max": 37}}
+
+
+def test_the_generation_limit_must_hold_the_longest_target_with_room():
+    lengths = {"mr": {"mean": 33.7, "max": 48}, "json": {"mean": 44.8, "max": 64}}
+    assert bq.generation_limit("json", lengths) == bq.JSON_MAX_NEW_TOKENS
+    assert bq.generation_limit("e2e", lengths, default=64) == 64
+    with pytest.raises(SystemExit, match=r"^answers are generated up to 64 tokens, too few for targets of up "
+                                         r"to 49 tokens plus 16 of room$"):
+        bq.generation_limit("e2e", {"mr": {"mean": 40, "max": 49}, "json": lengths["json"]}, default=64)
