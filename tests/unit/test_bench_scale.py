@@ -135,7 +135,7 @@ def test_readme_rows_quote_the_per_repeat_median_range_and_verdict():
     got = bs.readme_rows(bs.summarize(rows, sizes), sizes, 3)
     assert got[0]["measured"].startswith("0.40 (range 0.40-0.40 over 3 repeats: missed); ratio of medians 0.40")
     assert got[1]["measured"].startswith("0.90 (range 0.90-0.90 over 3 repeats: met)")
-    assert "sources in the page cache" in got[0]["figure"]
+    assert "sources and libraries in the page cache" in got[0]["figure"]
     assert "page cache as left" in bs.readme_rows(bs.summarize(rows, sizes), sizes, 3, "as_is")[0]["figure"]
 
 
@@ -146,3 +146,12 @@ def test_warm_files_reads_every_file_once(tmp_path):
     assert bs.warm_files(tmp_path, chunk=4) == 13
     assert bs.source_of("persist_and_register", tmp_path / "ckpt", {"pinned_dir": tmp_path}) == tmp_path
     assert bs.source_of("cp", tmp_path / "ckpt", {"pinned_dir": tmp_path}) == tmp_path / "ckpt"
+
+
+def test_warm_imports_runs_the_steps_imports_in_a_throwaway_interpreter(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bs.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)))
+    bs.warm_imports({"A": "1"}, tmp_path)
+    (cmd, kw), = calls
+    assert cmd == [sys.executable, "-c", bs.STEP_IMPORTS] and kw["env"] == {"A": "1"} and kw["check"]
+    assert "torch" in bs.STEP_IMPORTS and "mlflow" in bs.STEP_IMPORTS
