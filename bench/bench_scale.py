@@ -33,8 +33,8 @@ per-byte rate = (bytes_big - bytes_small) / (t_big - t_small), reported against 
 growth per byte the same way. The disk's write speed drifts on this kind of machine (the same `cp`
 of 5 GB took 4.7 s and 16.4 s in one run), so besides the ratio of the medians each repeat gives its
 own ratio (its step against its own `cp`, both sizes of that repeat): their median and range are
-quoted, and a range that spans the goal is reported as inside the noise, not as met or missed. Written to bench/results/scale.json (figures, command, git commit,
-machine). Needs about 4 x (size_gb + small_gb) free on the work directory's disk (temporary files
+quoted, and a range that spans the goal is reported as inside the noise, not as met or missed.
+Written to bench/results/scale.json (figures, command, git commit, machine). Needs about 4 x (size_gb + small_gb) free on the work directory's disk (temporary files
 go there too), and refuses to start otherwise.
 """
 
@@ -189,8 +189,7 @@ def paired_ratios(rows: list[dict], sizes: dict[str, int]) -> dict:
             if mine and cp and mine > 0 and cp > 0:
                 values.append(round(cp / mine, 3))  # seconds per byte: cp's over the step's = rate ratio
         if values:
-            out[op] = {"values": values, "median": round(statistics.median(values), 3),
-                       "min": min(values), "max": max(values)}
+            out[op] = record.spread(values)
     return out
 
 
@@ -199,9 +198,7 @@ def verdict(lo: float, hi: float, goal: float = GOAL_VS_CP) -> str:
     noise' (the repeats disagree about the goal)."""
     if lo >= goal:
         return "met"
-    if hi < goal:
-        return "missed"
-    return "inside the noise"
+    return "inside the noise" if record.within_noise({"min": lo, "max": hi}, goal) else "missed"
 
 
 # --- running things --------------------------------------------------------------------------------------
