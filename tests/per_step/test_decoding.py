@@ -11,8 +11,14 @@ import torch
 from test_serving import SENTENCES
 from transformers import GenerationConfig
 
-from lora_pipeline.model import serving
-from lora_pipeline.model.decoding import MIN_SHARED_PREFIX, greedy_decode, left_padded, shared_prefix_length
+from lora_pipeline.model import decoding, serving
+from lora_pipeline.model.decoding import (
+    MIN_SHARED_PREFIX,
+    greedy_decode,
+    left_padded,
+    length_groups,
+    shared_prefix_length,
+)
 from lora_pipeline.model.precision import autocast
 from lora_pipeline.task.e2e import format_prompt
 
@@ -47,8 +53,14 @@ def _stop_token(answers: list[list[int]]) -> int:
     return best
 
 
+@pytest.fixture
+def one_prefill_call(monkeypatch):
+    """Every row prefilled in one call (no length groups): the tests that count forward calls."""
+    monkeypatch.setattr(decoding, "GROUP_CALL_ROWS", 10**9)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_rows_leave_the_batch_at_their_end_and_tokens_are_those_of_generate(sharp, precision):
+def test_rows_leave_the_batch_at_their_end_and_tokens_are_those_of_generate(sharp, precision, one_prefill_call):
     model, tok = sharp
     if precision == "bf16":
         model = serving.bf16_linear_copy(model)
@@ -119,7 +131,7 @@ def _batches(tok) -> dict[str, list[list[int]]]:
 
 @pytest.mark.parametrize("case", ["shared prefix, different lengths", "one row",
                                   "one prompt is the common prefix", "no common prefix"])
-def test_shared_prefix_prefill_gives_the_tokens_of_generate(sharp, case):
+def test_shared_prefix_prefill_gives_the_tokens_of_generate(sharp, case, one_prefill_call):
     """Prefix prefilled once (token ids, not text), each row's remainder after [prefix | padding]:
     the tokens of `model.generate` and of the path that prefills every row whole, in fp32."""
     model, tok = sharp
@@ -157,3 +169,117 @@ def test_shared_prefix_length_of_a_batch_that_is_not_left_padded():
     ids = torch.tensor([[5] * 10 + [6, 0], [5] * 10 + [7, 8]])
     assert shared_prefix_length(ids, torch.tensor([[1] * 11 + [0], [1] * 12])) == 0  # right padding
     assert shared_prefix_length(ids, torch.ones_like(ids)) == 10
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_rows_prefilled_in_length_groups_give_the_tokens_of_generate(sharp, monkeypatch, share_prefix):
+    """Prompts of very different lengths, each length its own prefill call (a call costs nothing
+    here: GROUP_CALL_ROWS 0), their caches placed into one batch: the tokens of `model.generate` on
+    the one left-padded batch, in fp32, and of the one-call path."""
+    model, tok = sharp
+    enc = serving.encode_prompts(tok, SENTENCES)
+    rows = [enc[0], enc[3] + enc[3][-30:], enc[4], enc[6] + enc[0][-60:]]  # 4 lengths, far apart
+    ids, mask = left_padded(rows, tok.pad_token_id)
+    shared = shared_prefix_length(ids, mask) if share_prefix else 0
+    expected = generate_ids(model, ids, mask, tok.eos_token_id)
+
+    monkeypatch.setattr(decoding, "GROUP_CALL_ROWS", 0)
+    shapes: list[tuple[int, int]] = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    with torch.inference_mode():
+        got = greedy_decode(model, ids, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[tok.eos_token_id],
+                            share_prefix=share_prefix)
+    hook.remove()
+    assert got == expected
+    assert all(len(r) == MAX_NEW_TOKENS for r in got)  # compared over every step
+    # The prefix once (when shared), then one call per row, each as wide as its own remainder.
+    prefill = shapes[1:5] if shared else shapes[:4]
+    assert sorted(prefill) == sorted((1, len(r) - shared) for r in rows)
+    if shared:
+        assert shapes[0] == (1, shared) and shared >= MIN_SHARED_PREFIX
+    monkeypatch.setattr(decoding, "GROUP_CALL_ROWS", 10**9)
+    with torch.inference_mode():
+        assert greedy_decode(model, ids, mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[tok.eos_token_id],
+                             share_prefix=share_prefix) == got
+
+
+def _padded_cost(groups: list[list[int]], lengths: list[int], call_rows: int) -> int:
+    return sum(len(g) * max(lengths[i] for i in g) + call_rows for g in groups)
+
+
+def test_length_groups_pad_least_for_what_a_call_costs():
+    assert length_groups([]) == []
+    assert length_groups([5, 5, 5], call_rows=32) == [[0, 1, 2]]  # nothing to save by splitting
+    # Two clusters of lengths: padding the short ones to 100 costs 3 x 90 rows, far over one more call.
+    assert length_groups([100, 10, 100, 12, 11], call_rows=32) == [[1, 4, 3], [0, 2]]
+    # The same two clusters when a call costs more than the padding it saves: one group.
+    assert length_groups([100, 10, 100, 12, 11], call_rows=1000) == [[1, 4, 3, 0, 2]]
+    # Least cost over every split of the sorted order (brute force on small random cases).
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 80) for _ in range(rng.randint(1, 7))]
+        call = rng.choice([0, 8, 32, 200])
+        groups = length_groups(lengths, call_rows=call)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(_padded_cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))],
+                                lengths, call)
+                   for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert _padded_cost(groups, lengths, call) == best
+
+
+def test_reserved_cache_holds_what_concatenation_would():
+    """Keys and values written into reserved room (outgrown: doubled) read back as the
+    concatenated tensors; rows selected, repeated and placed keep their values; places no row
+    wrote are zero."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from lora_pipeline.model.decoding import reserve_room
+
+    cache = DynamicCache(config=None)
+    cache.layers = [DynamicLayer()]  # one plain layer, as a config without sliding windows gives
+    assert reserve_room(cache, room=3)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, 3, t, 4, generator=g) for t in (2, 1, 1, 3)]  # 7 positions > room 3
+    for p in parts:
+        k, v = layer.update(p, -p)
+    assert torch.equal(k, torch.cat(parts, dim=2)) and torch.equal(v, -k)
+    assert layer.get_seq_length() == 7 and layer._k.shape[2] >= 7
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, torch.cat(parts, dim=2)[1:])
+    layer.batch_repeat_interleave(3)
+    assert torch.equal(layer.keys, torch.cat(parts, dim=2)[[1, 1, 1]])
+    k, _ = layer.update(parts[1][:1].expand(3, -1, -1, -1), parts[1][:1].expand(3, -1, -1, -1))
+    assert k.shape == (3, 3, 8, 4) and torch.equal(k[:, :, -1:], parts[1][[0, 0, 0]])
+
+    placed = DynamicCache(config=None)
+    placed.layers = [DynamicLayer()]
+    reserve_room(placed, room=6)
+    row = torch.randn(1, 3, 2, 4, generator=g)
+    placed.layers[0].put_rows(torch.tensor([2]), row, row, at=3, batch=4, length=5)
+    assert placed.layers[0].keys.shape == (4, 3, 5, 4)
+    assert torch.equal(placed.layers[0].keys[2, :, 3:], row[0])
+    assert not placed.layers[0].keys[[0, 1, 3]].any() and not placed.layers[0].keys[2, :, :3].any()
+
+
+def test_cache_kept_in_the_autocast_dtype_under_autocast(sharp):
+    """Under bf16 autocast attention casts the keys and values to bf16 at every step; the cache
+    keeps them in bf16 (cast once), outside autocast in the model's fp32."""
+    from transformers import DynamicCache
+
+    from lora_pipeline.model.decoding import reserve_room
+
+    model, tok = sharp
+    ids, mask = left_padded(serving.encode_prompts(tok, SENTENCES[:2]), tok.pad_token_id)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cache = DynamicCache(config=model.config)
+        assert reserve_room(cache, ids.shape[1] + 1)
+        with torch.inference_mode(), autocast(model, precision):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        assert {layer.keys.dtype for layer in cache.layers} == {dtype}
