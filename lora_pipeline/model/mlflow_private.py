@@ -14,7 +14,21 @@ them twice (into a temp model dir, then into the store). The stand-in flavor is 
 (`Model.log`'s `flavor`, whose `save_model` gets the remaining keywords); the MLmodel layout is
 MLflow's file format, which registry/copy.py:write_mlmodel edits the same way.
 
-tests/unit/test_mlflow_private.py fails loudly when the installed MLflow stops honouring it.
+`widen_scoring_threads`: MLflow's scoring server (`mlflow models serve`, uvicorn) runs each request's
+`predict` with `asyncio.to_thread`, on the event loop's default thread pool, which Python sizes
+min(32, CPUs + 4): 6 threads on a 2-core machine. With cross-request batching every request waits in
+`predict` for its batch, so at most 6 requests could be in a batch at once, whatever
+`batch_max_rows` said: measured with 8 single-sentence clients, batches of 6 every 3.8 s, the two
+other clients' requests queued behind them (1.55 sentences/s, against 2.05 with batches of 8 in one
+process). The model loads before uvicorn starts its loop, so the pool is widened from the first
+`predict`, which runs on it: the running loop (found among live objects: asyncio gives no handle to
+another thread's loop) is asked, from its own thread, to take a larger default pool. The old pool's
+threads finish their requests; new requests go to the new pool. Only from a thread of a loop's default
+pool (named `asyncio_N`), and only when exactly one loop is running.
+
+tests/unit/test_mlflow_private.py fails loudly when the installed MLflow stops honouring them (the
+scoring-server pool: tests/per_step/test_serve_http.py, more concurrent requests than the default
+pool in one batch).
 """
 
 from __future__ import annotations
@@ -72,3 +86,32 @@ def log_pyfunc_without_serving_check(*, placed_artifacts: dict[str, tuple[str, i
         kwargs["placed_artifacts"] = placed_artifacts
     return Model.log(artifact_path=None, flavor=_PyfuncWithoutServingCheck,
                      flavor_name=PYFUNC_FLAVOR_NAME, **{SKIP_KEYWORD: False}, **kwargs)
+
+
+# Names of the threads of the pool `widen_scoring_threads` gives the server's event loop.
+SCORING_THREAD_PREFIX = "predict-request"
+# Thread names of asyncio's own default pool (`BaseEventLoop.run_in_executor`).
+ASYNCIO_THREAD_PREFIX = "asyncio_"
+
+
+def widen_scoring_threads(concurrent: int) -> bool:
+    """From a `predict` running on an event loop's default thread pool (MLflow's scoring server),
+    make that pool `concurrent` threads wide (see the module docstring). Returns whether it asked:
+    False when not on such a thread, when not exactly one loop is running, or when `concurrent` is
+    no more than Python's default pool. The pool starts its threads only as requests need them."""
+    import asyncio
+    import gc
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not threading.current_thread().name.startswith(ASYNCIO_THREAD_PREFIX):
+        return False
+    if concurrent <= min(32, (os.cpu_count() or 1) + 4):
+        return False
+    loops = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()]
+    if len(loops) != 1:
+        return False
+    pool = ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix=SCORING_THREAD_PREFIX)
+    loops[0].call_soon_threadsafe(loops[0].set_default_executor, pool)
+    return True

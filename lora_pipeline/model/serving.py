@@ -470,6 +470,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         return self._bf16_model
 
     _batcher = None  # cross-request batching (made by load_context when the config turns it on)
+    _widened = False  # whether the first batched request has asked the scoring server for more threads
 
     def load_context(self, context) -> None:
         from lora_pipeline.model import param_guard
@@ -594,6 +595,13 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         items = list(zip(sentences, encoded, strict=True))
         if self._batcher is None:
             return self._run_batch(gen, items)
+        if not self._widened:
+            # Room in the scoring server for a full batch generating and the next one gathering.
+            from lora_pipeline.model import mlflow_private
+
+            self._widened = True
+            if mlflow_private.widen_scoring_threads(2 * self.config.batch_max_rows):
+                log.info("scoring server: up to %d requests at once", 2 * self.config.batch_max_rows)
         return self._batcher.submit(gen, items)
 
     def _run_batch(self, gen: requests.Generation, items: list[tuple[str, list[int]]]) -> list[str]:

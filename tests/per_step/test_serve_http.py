@@ -189,3 +189,28 @@ def test_served_model_refuses_bad_requests_with_400_and_keeps_serving(tracking, 
     assert [r["mr"] for r in body["predictions"]] == expected["mr"].tolist()
     assert [(s, [r["mr"] for r in b["predictions"]]) for s, b in concurrent] == [
         (200, expected["mr"].tolist())] * 4
+
+
+def test_served_model_batches_more_concurrent_requests_than_the_servers_default_threads(
+        tracking, tiny_model_dir, tmp_path):
+    """MLflow's scoring server runs `predict` on its event loop's default thread pool: min(32,
+    CPUs + 4) threads, 6 on a 2-core machine. The model widens it (mlflow_private.
+    widen_scoring_threads) from its first batched request, so that 12 requests can wait in one batch.
+    Outcome: with batches of 12 rows and a 10 s window, 12 concurrent requests are answered together
+    well inside the window; with 6 threads the first batch could only close at its window (10 s)."""
+    uri = log_checkpoint(snapshot(str(tiny_model_dir)), make_adapter(tiny_model_dir, tmp_path / "a"))
+    rows, window_s = min(32, (os.cpu_count() or 1) + 4) + 6, 10.0  # 12 on 2 cores
+    env = {"MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps({"batch_max_rows": rows,
+                                                         "batch_max_wait_ms": window_s * 1000})}
+    one = _request(SENTENCES[:1], {"max_new_tokens": 4})
+    expected = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"prompt": SENTENCES[:1]}),
+                                                     params={"max_new_tokens": 4})["mr"].tolist()
+    with _served(uri, tmp_path, env) as url, ThreadPoolExecutor(rows) as pool:
+        start = time.monotonic()
+        first = pool.submit(_post_any, url + "/invocations", one)  # widens the pool, then waits
+        time.sleep(1.0)
+        rest = [pool.submit(_post_any, url + "/invocations", one) for _ in range(rows - 1)]
+        answers = [f.result() for f in [first, *rest]]
+        elapsed = time.monotonic() - start
+    assert [(s, [r["mr"] for r in b["predictions"]]) for s, b in answers] == [(200, expected)] * rows
+    assert elapsed < window_s - 2, f"{rows} requests took {elapsed:.1f} s: not one batch"

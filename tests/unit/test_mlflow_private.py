@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 
 from lora_pipeline.model import mlflow_private
 
@@ -65,3 +66,33 @@ def test_the_switch_skips_the_serving_check_and_logs_a_normal_pyfunc_model(track
     assert info.saved_input_example_info is not None  # the example is kept, only the check is skipped
     out = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"prompt": ["x"]}))
     assert list(out["prompt"]) == ["x"] and mark.exists()
+
+
+def test_widen_scoring_threads_lets_more_blocking_calls_than_the_default_pool_run_at_once():
+    """On an event loop's default pool (where MLflow's scoring server runs `predict`), the loop gets a
+    pool wide enough for `concurrent` calls that all block until every one has started; outside
+    such a pool nothing changes."""
+    import asyncio
+    import os
+    import threading
+
+    from lora_pipeline.model.mlflow_private import widen_scoring_threads
+
+    default = min(32, (os.cpu_count() or 1) + 4)
+    assert not widen_scoring_threads(default + 6)  # not on a loop's pool thread
+
+    async def blocked_together(n: int) -> None:
+        barrier = threading.Barrier(n, timeout=3)  # breaks unless n calls run at the same time
+        await asyncio.gather(*(asyncio.to_thread(barrier.wait) for _ in range(n)))
+
+    async def scenario(widen: bool) -> None:
+        if widen:
+            assert await asyncio.to_thread(widen_scoring_threads, default + 6)
+            await asyncio.sleep(0)  # the loop takes the new pool
+        else:
+            assert not await asyncio.to_thread(widen_scoring_threads, default)  # no wider than default
+        await blocked_together(default + 6)
+
+    asyncio.run(scenario(widen=True))
+    with pytest.raises(threading.BrokenBarrierError):
+        asyncio.run(scenario(widen=False))
