@@ -18,9 +18,8 @@ MLflow's file format, which registry/copy.py:write_mlmodel edits the same way.
 `predict` with `asyncio.to_thread`, on the event loop's default thread pool, which Python sizes
 min(32, CPUs + 4): 6 threads on a 2-core machine. With cross-request batching every request waits in
 `predict` for its batch, so at most 6 requests could be in a batch at once, whatever
-`batch_max_rows` said: measured with 8 single-sentence clients, batches of 6 every 3.8 s, the two
-other clients' requests queued behind them (1.55 sentences/s, against 2.05 with batches of 8 in one
-process). The model loads before uvicorn starts its loop, so the pool is widened from the first
+`batch_max_rows` said: with bench/load_test.py's 8 single-sentence clients the server logged batches
+of 6 every ~3.8 s, the two other clients' requests queued behind them. The model loads before uvicorn starts its loop, so the pool is widened from the first
 `predict`, which runs on it: the running loop (found among live objects: asyncio gives no handle to
 another thread's loop) is asked, from its own thread, to take a larger default pool. The old pool's
 threads finish their requests; new requests go to the new pool. Only from a thread of a loop's default
