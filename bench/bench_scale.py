@@ -34,8 +34,9 @@ growth per byte the same way. The disk's write speed drifts on this kind of mach
 of 5 GB took 4.7 s and 16.4 s in one run), so besides the ratio of the medians each repeat gives its
 own ratio (its step against its own `cp`, both sizes of that repeat): their median and range are
 quoted, and a range that spans the goal is reported as inside the noise, not as met or missed.
-Written to bench/results/scale.json (figures, command, git commit, machine). Needs about 4 x (size_gb + small_gb) free on the work directory's disk (temporary files
-go there too), and refuses to start otherwise.
+Written to bench/results/scale.json (figures, command, git commit, machine). Needs about
+4 x (size_gb + small_gb) free on the work directory's disk (temporary files go there too), and
+refuses to start otherwise.
 """
 
 from __future__ import annotations

@@ -154,9 +154,7 @@ def _reserved_layer_class():
             return self.keys, self.values
 
         def _grow(self, like, room: int) -> None:
-            b, h, _, d = like.shape
-            k = like.new_empty((b, h, room, d), dtype=_stored_dtype(like))
-            v = like.new_empty((b, h, room, d), dtype=k.dtype)
+            k, v = _buffers(like, like.shape[0], room, zeroed=False)
             if self.length:
                 k[:, :, :self.length].copy_(self._k[:, :, :self.length])
                 v[:, :, :self.length].copy_(self._v[:, :, :self.length])
@@ -173,9 +171,7 @@ def _reserved_layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(keys, values)
             if self._k is None:
-                b, h, _, d = keys.shape
-                self._k = keys.new_zeros((batch, h, max(self.room, length), d), dtype=_stored_dtype(keys))
-                self._v = values.new_zeros((batch, h, max(self.room, length), d), dtype=self._k.dtype)
+                self._k, self._v = _buffers(keys, batch, max(self.room, length), zeroed=True)
             self._k[rows, :, at:at + keys.shape[-2]] = keys
             self._v[rows, :, at:at + values.shape[-2]] = values
             self.length = length
@@ -205,6 +201,15 @@ def _reserved_layer_class():
 
 
 _RESERVED_LAYER = None
+
+
+def _buffers(like, batch: int, room: int, *, zeroed: bool):
+    """Key and value buffers of `batch` rows and `room` positions, with `like`'s heads, head size
+    and device, in the dtype `_stored_dtype` picks; zero-filled or left uninitialised."""
+    _, heads, _, dim = like.shape
+    make = like.new_zeros if zeroed else like.new_empty
+    dtype = _stored_dtype(like)
+    return make((batch, heads, room, dim), dtype=dtype), make((batch, heads, room, dim), dtype=dtype)
 
 
 def _stored_dtype(states):
@@ -331,7 +336,7 @@ GROUP_CALL_ROWS = 32
 def length_groups(lengths: list[int], call_rows: int | None = None) -> list[list[int]]:
     """Rows (indices into `lengths`) grouped for prefill, each group padded to its longest row, so
     that (padded token rows + `call_rows` x groups) is least: rows sorted by length, then the best
-    split of that order (dynamic programming over split points, O(rows^2)). Groups by length."""
+    split of that order (dynamic programming over split points, O(rows^2))."""
     call_rows = GROUP_CALL_ROWS if call_rows is None else call_rows
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sizes = [lengths[i] for i in order]
@@ -365,7 +370,7 @@ def _prefill(model, cache, input_ids, attention_mask, positions, last_only: dict
     n, width = input_ids.shape
     prefix = attention_mask.shape[1] - width
     lengths = attention_mask[:, prefix:].sum(-1).tolist()
-    groups = length_groups(lengths) if n > 1 else [list(range(n))]
+    groups = length_groups(lengths)
     if len(groups) == 1:
         if prefix:
             cache.batch_repeat_interleave(n)

@@ -19,11 +19,12 @@ MLflow's file format, which registry/copy.py:write_mlmodel edits the same way.
 min(32, CPUs + 4): 6 threads on a 2-core machine. With cross-request batching every request waits in
 `predict` for its batch, so at most 6 requests could be in a batch at once, whatever
 `batch_max_rows` said: with bench/load_test.py's 8 single-sentence clients the server logged batches
-of 6 every ~3.8 s, the two other clients' requests queued behind them. The model loads before uvicorn starts its loop, so the pool is widened from the first
-`predict`, which runs on it: the running loop (found among live objects: asyncio gives no handle to
-another thread's loop) is asked, from its own thread, to take a larger default pool. The old pool's
-threads finish their requests; new requests go to the new pool. Only from a thread of a loop's default
-pool (named `asyncio_N`), and only when exactly one loop is running.
+of 6 every ~3.8 s, the two other clients' requests queued behind them. The model loads before
+uvicorn starts its loop, so the pool is widened from the first `predict`, which runs on it: the
+running loop (found among live objects: asyncio gives no handle to another thread's loop) is asked,
+from its own thread, to take a larger default pool. The old pool's threads finish their requests;
+new requests go to the new pool. Only from a thread of a loop's default pool (named `asyncio_N`),
+and only when exactly one loop is running.
 
 tests/unit/test_mlflow_private.py fails loudly when the installed MLflow stops honouring them (the
 scoring-server pool: tests/per_step/test_serve_http.py, more concurrent requests than the default

@@ -17,6 +17,7 @@ from lora_pipeline.model.decoding import (
     greedy_decode,
     left_padded,
     length_groups,
+    reserve_room,
     shared_prefix_length,
 )
 from lora_pipeline.model.precision import autocast
@@ -239,8 +240,6 @@ def test_reserved_cache_holds_what_concatenation_would():
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from lora_pipeline.model.decoding import reserve_room
-
     cache = DynamicCache(config=None)
     cache.layers = [DynamicLayer()]  # one plain layer, as a config without sliding windows gives
     assert reserve_room(cache, room=3)
@@ -272,8 +271,6 @@ def test_cache_kept_in_the_autocast_dtype_under_autocast(sharp):
     """Under bf16 autocast attention casts the keys and values to bf16 at every step; the cache
     keeps them in bf16 (cast once), outside autocast in the model's fp32."""
     from transformers import DynamicCache
-
-    from lora_pipeline.model.decoding import reserve_room
 
     model, tok = sharp
     ids, mask = left_padded(serving.encode_prompts(tok, SENTENCES[:2]), tok.pad_token_id)
