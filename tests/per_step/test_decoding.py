@@ -257,6 +257,9 @@ def test_reserved_cache_holds_what_concatenation_would():
     k, _ = layer.update(parts[1][:1].expand(3, -1, -1, -1), parts[1][:1].expand(3, -1, -1, -1))
     assert k.shape == (3, 3, 8, 4) and torch.equal(k[:, :, -1:], parts[1][[0, 0, 0]])
 
+    with pytest.raises(NotImplementedError, match="greedy_decode never crops its cache"):
+        layer.crop(-1)  # DynamicLayer's crop would cut `keys` and leave the buffers' length behind
+
     placed = DynamicCache(config=None)
     placed.layers = [DynamicLayer()]
     reserve_room(placed, room=6)
