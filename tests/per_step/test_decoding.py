@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 from lora_pipeline.model import decoding, serving
 from lora_pipeline.model.decoding import (
     MIN_SHARED_PREFIX,
+    fill_holes,
     greedy_decode,
     left_padded,
     length_groups,
@@ -257,6 +258,17 @@ def test_reserved_cache_holds_what_concatenation_would():
     k, _ = layer.update(parts[1][:1].expand(3, -1, -1, -1), parts[1][:1].expand(3, -1, -1, -1))
     assert k.shape == (3, 3, 8, 4) and torch.equal(k[:, :, -1:], parts[1][[0, 0, 0]])
 
+    # Rows leaving: the kept rows read back in `fill_holes`' order, and the next step appends to them.
+    layer.batch_repeat_interleave(2)
+    layer._k[:6, :, :8] += torch.arange(6).float()[:, None, None, None]  # tell the 6 rows apart
+    before = layer.keys.clone()
+    order = decoding._drop_rows(cache, torch.tensor([1, 3, 4]))
+    assert order.tolist() == [3, 1, 4]  # rows 0, 2 and 5 left: rows 3 and 4 fill holes 0 and 2
+    assert torch.equal(layer.keys, before[order])
+    step = torch.randn(3, 3, 1, 4, generator=g)
+    k, _ = layer.update(step, step)
+    assert k.shape == (3, 3, 9, 4) and torch.equal(k[:, :, :8], before[order]) and torch.equal(k[:, :, 8:], step)
+
     with pytest.raises(NotImplementedError, match="greedy_decode never crops its cache"):
         layer.crop(-1)  # DynamicLayer's crop would cut `keys` and leave the buffers' length behind
 
@@ -268,6 +280,25 @@ def test_reserved_cache_holds_what_concatenation_would():
     assert placed.layers[0].keys.shape == (4, 3, 5, 4)
     assert torch.equal(placed.layers[0].keys[2, :, 3:], row[0])
     assert not placed.layers[0].keys[[0, 1, 3]].any() and not placed.layers[0].keys[2, :, :3].any()
+
+
+def test_fill_holes_keeps_the_rows_asked_moving_the_fewest():
+    """Against the plain gather on random cases: the same rows kept, those already in place not moved,
+    each moved row copied once."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        keep = sorted(rng.sample(range(n), rng.randint(1, n)))
+        order, holes, movers = fill_holes(keep)
+        assert sorted(order) == keep
+        assert all(order[r] == r for r in keep if r < len(keep))
+        assert len(holes) == len(movers) == sum(r >= len(keep) for r in keep)
+        rows = list(range(n))
+        for h, m in zip(holes, movers, strict=True):
+            rows[h] = rows[m]
+        assert rows[:len(keep)] == order
 
 
 def test_cache_kept_in_the_autocast_dtype_under_autocast(sharp):
