@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results file (default: "
                         "bench/results/eval_throughput.json)")
     opts = parser.parse_args()
+    if opts.adapter_dir:  # before the chdir below; MLflow reads it as an artifact URI
+        opts.adapter_dir = str(Path(opts.adapter_dir).resolve())
     precisions = [p.strip() for p in opts.precisions.split(",") if p.strip()]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         parser.error(f"--precisions={opts.precisions!r}: use fp32 and/or bf16")
