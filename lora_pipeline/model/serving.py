@@ -506,7 +506,8 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         """One token for one sentence, here in the loading thread. The first forward pass of a process
         pays one-off set-up (3 s on the default base on a busy 2-core machine); paid by the first request
         instead, in the batcher's thread while the other requests' threads prepare theirs, it took 30-50 s
-        (measured with 8 concurrent clients; afterwards a batch of 8 takes 6-8 s)."""
+        (measured with 8 concurrent clients on a 2-core AMD EPYC, where a batch of 8 then took 6-8 s;
+        the P9 benchmark's machine answers a batch of 8 in ~3.8 s, its p50)."""
         import torch
 
         from lora_pipeline.model.decoding import greedy_decode, left_padded
