@@ -293,7 +293,9 @@ def fill_holes(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
 
 def _drop_rows(cache, keep):
     """Keep the rows `keep` (ascending) of `cache`; returns which old row each kept row is, in the
-    cache's new order (reserved layers fill holes, `fill_holes`; others gather in order)."""
+    cache's new order (reserved layers fill holes, `fill_holes`; others gather in order), on the CPU:
+    it indexes the CPU row map and, as PyTorch allows a CPU index for a tensor on any device, the
+    running tensors on the model's."""
     import torch
 
     if cache.layers and all(hasattr(layer, "drop_rows") for layer in cache.layers):
@@ -303,7 +305,7 @@ def _drop_rows(cache, keep):
             layer.drop_rows(holes, movers, len(order))
         return torch.tensor(order, dtype=torch.long)
     cache.batch_select_indices(keep)
-    return keep
+    return keep.cpu()
 
 
 def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int,
@@ -321,8 +323,8 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int,
     out: list[list[int]] = [[] for _ in range(n)]
     if max_new_tokens < 1 or n == 0:
         return out
-    rows = torch.arange(n)  # which input row each row of the running batch is
-    eos = torch.tensor(eos_token_ids, dtype=torch.long)
+    rows = torch.arange(n)  # which input row each row of the running batch is (on the CPU)
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=input_ids.device)
     cache = DynamicCache(config=model.config)
     plain_layers = _cache_takes_prefix(cache)
     # Room for the prompt and the answers, up to a bound (a large max_new_tokens grows as it goes).
