@@ -282,6 +282,25 @@ def test_reserved_cache_holds_what_concatenation_would():
     assert not placed.layers[0].keys[[0, 1, 3]].any() and not placed.layers[0].keys[2, :, :3].any()
 
 
+def test_prompt_pass_hands_the_lm_head_contiguous_rows(sharp_model_dir):
+    """A frozen model held in bf16 (a bf16 checkpoint loaded as stored): the prompt passes give the LM
+    head each row's last position as a contiguous tensor. A strided view makes torch.matmul copy the
+    head's weight once per row (on the default base, ~1 s per prefill call instead of 5 ms), with the
+    same tokens, so only the layout shows it."""
+    model = serving.load_causal_lm(sharp_model_dir, dtype="bf16").eval().requires_grad_(False)
+    tok = serving.load_tokenizer(sharp_model_dir)
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    hook = model.lm_head.register_forward_pre_hook(
+        lambda m, args: seen.append((tuple(args[0].shape), args[0].is_contiguous())))
+    ids, mask = left_padded(serving.encode_prompts(tok, SENTENCES), tok.pad_token_id)
+    with torch.inference_mode():
+        greedy_decode(model, ids, mask, max_new_tokens=2, eos_token_ids=[tok.eos_token_id])
+    hook.remove()
+    prompt_passes = seen[:-1]  # the last call is the one decoding step
+    assert prompt_passes and {shape[1] for shape, _ in prompt_passes} == {1}
+    assert all(contiguous for _, contiguous in prompt_passes), prompt_passes
+
+
 def test_fill_holes_keeps_the_rows_asked_moving_the_fewest():
     """Against the plain gather on random cases: the same rows kept, those already in place not moved,
     each moved row copied once."""
