@@ -308,6 +308,25 @@ def _drop_rows(cache, keep):
     return keep.cpu()
 
 
+def last_position_only(model, device) -> dict:
+    """Forward kwargs that make a prompt pass compute the logits of the last position only (`{}` for
+    a model without `logits_to_keep`).
+
+    Asked by index, not as `1`: the int slices the hidden states to a strided (rows, 1, hidden) view,
+    and where the LM head's weight does not require grad (a frozen or merged model) and the view
+    reaches it uncast (weights held in bf16, no autocast or bf16 autocast), torch.matmul does not
+    fold it into one matrix product but broadcasts the weight to every row and copies it: on the
+    default base in bf16, 13 rows x 49,152 x 576 x 2 bytes = 736 MB copied, ~1 s for what takes
+    5 ms on a contiguous input. An index gathers a contiguous copy of the last positions, the same
+    values. `greedy_decode` alone on the evaluation benchmark's 32 prompts with the weights held in
+    bf16: 6.77 s -> 3.63 s, the same tokens."""
+    import torch
+
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"logits_to_keep": torch.tensor([-1], device=device)}
+
+
 def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int,
                   eos_token_ids: list[int], share_prefix: bool = True) -> list[list[int]]:
     """The generated token ids of each row (its end-of-sequence token included when it ended).
@@ -329,16 +348,7 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int,
     plain_layers = _cache_takes_prefix(cache)
     # Room for the prompt and the answers, up to a bound (a large max_new_tokens grows as it goes).
     reserve_room(cache, input_ids.shape[1] + min(max_new_tokens, MAX_RESERVED_NEW_TOKENS))
-    # The prompt pass needs the logits of the last position only. Asked by index, not as `1`: the int
-    # slices the hidden states to a strided (rows, 1, hidden) view, and where the LM head's weight
-    # does not require grad (a frozen or merged model) and the view reaches it uncast (weights held
-    # in bf16, no autocast), torch.matmul does not fold it into one matrix product but broadcasts the
-    # weight to every row and copies it: on the default base in bf16, 13 rows x 49,152 x 576 x 2 bytes
-    # = 736 MB copied, ~1 s for what takes 5 ms on a contiguous input. An index gathers a contiguous
-    # copy of the last positions, the same values. `greedy_decode` alone on the evaluation
-    # benchmark's 32 prompts with the weights held in bf16: 6.77 s -> 3.63 s, the same tokens.
-    last_only = ({"logits_to_keep": torch.tensor([-1], device=input_ids.device)}
-                 if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
+    last_only = last_position_only(model, input_ids.device)
     shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
     if shared >= MIN_SHARED_PREFIX and plain_layers:
         input_ids, attention_mask = _prefill_shared_prefix(model, cache, input_ids, attention_mask, shared,

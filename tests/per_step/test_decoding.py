@@ -295,10 +295,13 @@ def test_prompt_pass_hands_the_lm_head_contiguous_rows(sharp_model_dir):
     ids, mask = left_padded(serving.encode_prompts(tok, SENTENCES), tok.pad_token_id)
     with torch.inference_mode():
         greedy_decode(model, ids, mask, max_new_tokens=2, eos_token_ids=[tok.eos_token_id])
-    hook.remove()
     prompt_passes = seen[:-1]  # the last call is the one decoding step
     assert prompt_passes and {shape[1] for shape, _ in prompt_passes} == {1}
     assert all(contiguous for _, contiguous in prompt_passes), prompt_passes
+    seen.clear()  # sampling (`generate`) too
+    serving.generate(model, tok, SENTENCES, max_new_tokens=2, do_sample=True, temperature=1.0, precision="fp32")
+    hook.remove()
+    assert seen and seen[0][0][1] == 1 and all(contiguous for _, contiguous in seen), seen
 
 
 def test_fill_holes_keeps_the_rows_asked_moving_the_fewest():
