@@ -291,14 +291,14 @@ def fill_holes(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
     return order, holes, movers
 
 
-def _drop_rows(cache, keep):
+def _drop_rows(cache, keep, reserved: bool):
     """Keep the rows `keep` (ascending) of `cache`; returns which old row each kept row is, in the
-    cache's new order (reserved layers fill holes, `fill_holes`; others gather in order), on the CPU:
-    it indexes the CPU row map and, as PyTorch allows a CPU index for a tensor on any device, the
-    running tensors on the model's."""
+    cache's new order (`reserved` layers, see `reserve_room`, fill holes, `fill_holes`; others gather
+    in order), on the CPU: it indexes the CPU row map and, as PyTorch allows a CPU index for a tensor
+    on any device, the running tensors on the model's."""
     import torch
 
-    if cache.layers and all(hasattr(layer, "drop_rows") for layer in cache.layers):
+    if reserved:
         order, holes, movers = fill_holes(keep.tolist())
         holes, movers = torch.tensor(holes, dtype=torch.long), torch.tensor(movers, dtype=torch.long)
         for layer in cache.layers:
@@ -347,7 +347,7 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int,
     cache = DynamicCache(config=model.config)
     plain_layers = _cache_takes_prefix(cache)
     # Room for the prompt and the answers, up to a bound (a large max_new_tokens grows as it goes).
-    reserve_room(cache, input_ids.shape[1] + min(max_new_tokens, MAX_RESERVED_NEW_TOKENS))
+    reserved = reserve_room(cache, input_ids.shape[1] + min(max_new_tokens, MAX_RESERVED_NEW_TOKENS))
     last_only = last_position_only(model, input_ids.device)
     shared = shared_prefix_length(input_ids, attention_mask) if share_prefix else 0
     if shared >= MIN_SHARED_PREFIX and plain_layers:
@@ -376,7 +376,7 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int,
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            order = _drop_rows(cache, keep)
+            order = _drop_rows(cache, keep, reserved)
             rows, token, mask, position = rows[order], token[order], mask[order], position[order]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,

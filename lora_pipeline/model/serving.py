@@ -342,11 +342,11 @@ def generate(model, tokenizer, sentences: list[str], *, max_new_tokens: int = DE
 def _sample(model, tokenizer, ids, mask, max_new_tokens: int, temperature: float) -> list[list[int]]:
     from transformers import GenerationConfig
 
+    from lora_pipeline.model.decoding import last_position_only
+
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                            top_p=None, top_k=None,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    from lora_pipeline.model.decoding import last_position_only
-
     # The last position by index (see last_position_only): generate's own `logits_to_keep=1` is slow
     # on frozen bf16 weights.
     return model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,

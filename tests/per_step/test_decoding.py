@@ -262,7 +262,7 @@ def test_reserved_cache_holds_what_concatenation_would():
     layer.batch_repeat_interleave(2)
     layer._k[:6, :, :8] += torch.arange(6).float()[:, None, None, None]  # tell the 6 rows apart
     before = layer.keys.clone()
-    order = decoding._drop_rows(cache, torch.tensor([1, 3, 4]))
+    order = decoding._drop_rows(cache, torch.tensor([1, 3, 4]), reserved=True)
     assert order.tolist() == [3, 1, 4]  # rows 0, 2 and 5 left: rows 3 and 4 fill holes 0 and 2
     assert torch.equal(layer.keys, before[order])
     step = torch.randn(3, 3, 1, 4, generator=g)
