@@ -36,6 +36,14 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def _auto_bf16_flags() -> frozenset:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from lora_pipeline.model.device import CPU_BF16_FLAGS
+
+    return CPU_BF16_FLAGS
+
+
 def machine() -> dict:
     """What the figures were measured on: CPU model and flags that change speed, cores, memory, GPU."""
     info: dict = {"platform": platform.platform(), "python": platform.python_version(),
@@ -48,7 +56,10 @@ def machine() -> dict:
         model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")
         flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
         info["cpu"] = model
-        info["bf16_cpu"] = bool({"avx512_bf16", "amx_bf16"} & set(flags))
+        # The model name alone does not tell (a hypervisor may hide AMX): the bf16 flags the CPU shows,
+        # and whether `precision=auto` picks bf16 on it (device.CPU_BF16_FLAGS).
+        info["cpu_bf16_flags"] = sorted({"avx512_bf16", "amx_bf16"} & set(flags))
+        info["bf16_cpu"] = bool(_auto_bf16_flags() & set(flags))
         mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                       if ln.startswith("MemTotal"))
         info["memory_gib"] = round(mem_kb / 2**20, 1)

@@ -28,7 +28,11 @@ def render(results: Path = RESULTS) -> str:
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
         m = data.get("machine", {})
+        # The CPU's bf16 flags where the file records them (a hypervisor may hide AMX, and P3's bf16
+        # rows and `precision=auto` depend on it).
+        bf16 = m.get("cpu_bf16_flags")
         where = (f"`{data['commit'][:10]}`, {data['measured_at']}, {m.get('cores', '?')} cores"
+                 + ("" if bf16 is None else f" ({', '.join(bf16) or 'no bf16 flags'})")
                  + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
                  + (f", load {m['load_avg_1m']}" if "load_avg_1m" in m else ""))
         for row in data["rows"]:

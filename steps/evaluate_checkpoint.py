@@ -66,8 +66,8 @@ class Args:
     batch_size: int = param(32, "sentences generated together (left-padded batches)")
     max_new_tokens: int = param(64, "longest answer generated, in tokens")
     precision: str = param("auto", "compute precision of generation: bf16 (autocast; weights stay "
-                           "fp32), fp32, or auto = bf16 where the hardware has bf16 matmuls (CUDA "
-                           "bf16, or a CPU with avx512_bf16 / amx_bf16), as finetune trains")
+                           "fp32), fp32, or auto = bf16 where the hardware has fast bf16 matmuls "
+                           "(CUDA bf16, or a CPU with AMX: amx_bf16), as finetune trains")
     device: str = param("auto", "where to generate: cuda, cpu, or auto = cuda when torch sees a GPU; "
                         "cuda without one is an error")
     dtype: str = param("auto", "dtype of the weights: fp32, bf16, or auto = the checkpoint's stored "

@@ -101,12 +101,12 @@ class Args:
     num_processes: int = param(1, "training processes (DDP via torchrun: gloo on CPU, NCCL on GPUs)")
     precision: str = param("auto", "compute precision of training: bf16 (autocast; weights, "
                            "optimizer and saved adapters stay fp32), fp32, or auto = bf16 where the "
-                           "hardware has bf16 matmuls (CUDA bf16, or a CPU with avx512_bf16 / amx_bf16)")
+                           "hardware has fast bf16 matmuls (CUDA bf16, or a CPU with AMX: amx_bf16)")
     device: str = param("auto", "where to train: cuda, cpu, or auto = cuda when torch sees a GPU; "
                         "cuda without one is an error")
     dtype: str = param("auto", "dtype of the frozen base weights: fp32, bf16, or auto = the "
                        "checkpoint's stored dtype, fp32 where that format is slow on the device "
-                       "(a CPU without native bf16); LoRA weights stay fp32")
+                       "(a CPU without AMX); LoRA weights stay fp32")
     gradient_checkpointing: bool = param(False, "recompute activations in the backward pass: less "
                                          "memory for long sequences or big bases, about a third more compute")
     load_in_4bit: bool = param(False, "QLoRA: hold the frozen base in 4-bit NF4 through bitsandbytes "

@@ -26,9 +26,12 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
-# CPU flags with which bf16 matmuls run natively (oneDNN uses them; without, bf16 is emulated and
-# slower than fp32).
-CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# CPU flags with which bf16 matmuls are faster than fp32: AMX tiles. `avx512_bf16` alone is not
+# enough: on an Intel Xeon (Emerald Rapids, family 6 model 207) whose hypervisor hides AMX, oneDNN's
+# avx512_core_bf16 kernels ran a 1024x576 @ 576x1536 matmul in 12.7 ms against 7.4 ms in fp32 (bf16
+# dot products issue on one port, fp32 FMAs on two), and `bench/bench_precision.py` measured
+# training and generation there (bench/results/precision.json). Without AMX `auto` is fp32.
+CPU_BF16_FLAGS = frozenset({"amx_bf16"})
 # config.json `dtype` / `torch_dtype` values -> our names.
 _STORED_DTYPES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
                   "half": "fp16"}
@@ -135,11 +138,12 @@ def resolve_device(requested: str, *, field: str = "device", hw: Hardware | None
 def auto_precision(device: str, hw: Hardware) -> str:
     """The fastest compute precision that keeps training stable on `device` (cpu | cuda):
     bf16 on CUDA with native bf16; fp16 on GPUs where only fp16 is fast (needs loss scaling in
-    training); bf16 autocast on CPUs with native bf16 matmuls; else fp32.
+    training); bf16 autocast on CPUs with AMX (`CPU_BF16_FLAGS`); else fp32.
 
-    On this project's 2-core CPU (avx512_bf16, amx_bf16) a SmolLM2-135M training step (batch 8 x 130
-    tokens) takes 2.7-3.1 s in bf16 autocast against 4.7-4.9 s in fp32, and generating 32 answers
-    (batch 32, 64 new tokens) 11.5 s against 16.3 s (both measured side by side in one process)."""
+    On a 2-core CPU with AMX (amx_bf16) a SmolLM2-135M training step (batch 8 x 130 tokens) took
+    2.7-3.1 s in bf16 autocast against 4.7-4.9 s in fp32, and generating 32 answers (batch 32, 64 new
+    tokens) 11.5 s against 16.3 s (both measured side by side in one process). Without AMX, bf16 on
+    `avx512_bf16` alone is no faster than fp32 (see `CPU_BF16_FLAGS`), so `auto` is fp32 there."""
     if device == "cuda":
         if hw.cuda_bf16:
             return "bf16"
@@ -166,7 +170,7 @@ def resolve_dtype(requested: str, checkpoint_dir: Path | str, *, device: str = "
     """The dtype to hold the (frozen) base weights in: fp32 | bf16 | fp16.
 
     `auto` keeps the checkpoint's stored dtype (half the memory of fp32 for bf16/fp16 checkpoints),
-    except where that format is slow on `device`: fp32 on CPUs without native bf16 (and for fp16 on
+    except where that format is slow on `device`: fp32 on CPUs without AMX (`CPU_BF16_FLAGS`; and for fp16 on
     any CPU), and on GPUs without native bf16 (bf16 -> fp16 could overflow; fp32 is exact)."""
     if requested not in DTYPES:
         _report(problems, Problem(field, requested, "is not supported", f"use one of: {', '.join(DTYPES)}"))

@@ -255,7 +255,7 @@ _NO_BF16_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni avx512_b
 @pytest.mark.parametrize("cuda, cuda_bf16, cpuinfo, expected", [
     (True, True, "flags\t\t: fpu sse2\n", "bf16"),  # a bf16 GPU; the CPU does not matter
     (True, False, "flags\t\t: avx512_bf16\n", "fp32"),  # CUDA without bf16 decides, not the CPU
-    (False, False, "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", "bf16"),
+    (False, False, "flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", "fp32"),  # no AMX: bf16 no faster
     (False, False, "flags\t\t: fpu amx_tile amx_bf16 amx_int8\n", "bf16"),
     (False, False, _NO_BF16_FLAGS, "fp32"),
     (False, False, OSError("no /proc/cpuinfo"), "fp32"),  # not Linux: fp32

@@ -19,6 +19,7 @@ from lora_pipeline.model import precision as pr
 from conftest import ROOT
 
 CPU = dv.Hardware(torch_cuda=None, cpu_flags=frozenset({"avx2", "fma"}))
+# avx512_bf16 without AMX: bf16 matmuls there are no faster than fp32 (device.CPU_BF16_FLAGS).
 CPU_BF16 = dv.Hardware(torch_cuda=None, cpu_flags=frozenset({"avx2", "avx512f", "avx512_bf16"}))
 CPU_AMX = dv.Hardware(torch_cuda=None, cpu_flags=frozenset({"avx2", "amx_tile", "amx_bf16"}))
 CUDA_BUILD_NO_GPU = dv.Hardware(torch_cuda="12.8", cpu_flags=frozenset({"avx2"}))
@@ -101,7 +102,7 @@ def test_the_cli_prints_one_line_and_exits_2_for_cuda_without_a_gpu(monkeypatch,
     (V100, "cuda", "fp16"),  # tensor cores, no bf16
     (P100, "cuda", "fp16"),  # fp16 at twice the fp32 rate
     (P40, "cuda", "fp32"),  # fp16 at 1/64 of the fp32 rate
-    (CPU, "cpu", "fp32"), (CPU_BF16, "cpu", "bf16"), (CPU_AMX, "cpu", "bf16"),
+    (CPU, "cpu", "fp32"), (CPU_BF16, "cpu", "fp32"), (CPU_AMX, "cpu", "bf16"),
     (H200, "cpu", "fp32"),  # the device asked for, not the best one present
 ])
 def test_auto_precision_per_device(hw, device, expected):
@@ -109,7 +110,7 @@ def test_auto_precision_per_device(hw, device, expected):
 
 
 @pytest.mark.parametrize("hw, expected", [(H200, "bf16"), (V100, "fp32"), (P40, "fp32"), (CPU, "fp32"),
-                                          (CPU_BF16, "bf16"), (CPU_AMX, "bf16")])
+                                          (CPU_BF16, "fp32"), (CPU_AMX, "bf16")])
 def test_resolve_precision_without_a_device_keeps_todays_answers(monkeypatch, hw, expected):
     """Today's callers: CUDA when present, bf16 or fp32 only (they set up no fp16 loss scaling)."""
     monkeypatch.setattr(dv, "detect", lambda: hw)
@@ -149,6 +150,9 @@ def test_autocast_runs_matmuls_in_the_resolved_precision(monkeypatch):
         assert model(x).dtype == torch.float32
     monkeypatch.setattr(dv, "detect", lambda: CPU_BF16)
     with pr.autocast(model, "auto"):
+        assert model(x).dtype == torch.float32
+    monkeypatch.setattr(dv, "detect", lambda: CPU_AMX)
+    with pr.autocast(model, "auto"):
         assert model(x).dtype == torch.bfloat16
     with pr.autocast(model, "fp32"):
         assert model(x).dtype == torch.float32
@@ -172,7 +176,8 @@ def _checkpoint(tmp_path, **config) -> str:
 
 @pytest.mark.parametrize("config, device, hw, expected", [
     ({"dtype": "bfloat16"}, "cpu", CPU, "fp32"),  # bf16 is emulated, slow: fp32
-    ({"dtype": "bfloat16"}, "cpu", CPU_BF16, "bf16"),
+    ({"dtype": "bfloat16"}, "cpu", CPU_BF16, "fp32"),  # avx512_bf16 alone: no faster than fp32
+    ({"dtype": "bfloat16"}, "cpu", CPU_AMX, "bf16"),
     ({"dtype": "bfloat16"}, "cuda", H200, "bf16"),
     ({"dtype": "bfloat16"}, "cuda", V100, "fp32"),  # no native bf16, and bf16 -> fp16 may overflow
     ({"dtype": "float16"}, "cuda", V100, "fp16"),
