@@ -120,7 +120,7 @@ def main() -> None:
         ratio = record.spread([f / b for f, b in zip(secs["fp32"], secs["bf16"], strict=True)])
         faster = "bf16" if ratio["median"] > 1 else "fp32"
         noise = record.within_noise(ratio, 1.0)
-        verdict = ("inside the noise: neither is faster" if noise
+        verdict = (f"inside the noise (the median favours {faster})" if noise
                    else f"auto picks the faster ({faster})" if auto == faster
                    else f"auto picks the SLOWER ({auto}; {faster} is faster)")
         figures["jobs"][job] = {"what": what, "fp32_seconds": record.spread(secs["fp32"]),
