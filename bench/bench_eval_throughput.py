@@ -121,6 +121,8 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.adapter_dir:  # before the chdir below; MLflow reads it as an artifact URI
         opts.adapter_dir = str(Path(opts.adapter_dir).resolve())
+    if opts.out is not None:  # likewise: a relative --out names a file under where it was asked
+        opts.out = opts.out.resolve()
     precisions = [p.strip() for p in opts.precisions.split(",") if p.strip()]
     if not precisions or set(precisions) - {"fp32", "bf16"}:
         parser.error(f"--precisions={opts.precisions!r}: use fp32 and/or bf16")
