@@ -4,7 +4,8 @@ Same model weights, same chat-formatted prompts, same batch size, same greedy de
 `max_new_tokens` on every side, in one process, for each precision asked (fp32, bf16):
   * ours: `log_reference`'s model loaded with `mlflow.pyfunc.load_model`, `predict` with
     `batch_size`, `max_new_tokens`, `precision` (bf16 = autocast on a bf16-Linear copy of the fp32
-    model; generation: lora_pipeline/model/serving.py, decoding.py);
+    model; fp32 on a CPU = a copy whose Linear weights are packed once for MKL's sgemm; generation:
+    lora_pipeline/model/serving.py, decoding.py, packed_linear.py);
   * plain transformers: the merged model, batched `model.generate` written by hand (left-padded
     batches of `batch_size` in input order, greedy); bf16 = the same autocast as ours;
   * `mlflow.transformers` pyfunc: the merged model as a `text-generation` pipeline logged with

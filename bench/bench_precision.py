@@ -7,8 +7,10 @@ one process, on the two jobs `auto` decides for:
     `--train_batch` rows of data/sample.csv (prompt and answer in the chat template, right-padded),
     forward, backward and an AdamW step;
   * generation as `evaluate_checkpoint` runs it: `serving.generate` (greedy, `--sentences` prompts,
-    batch 32, <= 64 new tokens) on the base with that adapter merged, bf16 on the bf16-Linear copy
-    that the served model generates with (`serving.bf16_linear_copy`).
+    batch 32, <= 64 new tokens) on the base with that adapter merged, each precision on the copy the
+    served model generates with: bf16 on the bf16-Linear copy (`serving.bf16_linear_copy`), fp32 on
+    the copy with MKL-packed Linear weights where the CPU supports it
+    (`packed_linear.packed_linear_copy`).
 Each job's two precisions alternate `--repeats` times (the first untimed run of each is warm-up), and
 the speed ratio bf16 / fp32 of each repeat is quoted as median and range. The row says what `auto`
 picks on this machine and whether that is the faster precision (or a ratio inside the noise).
@@ -61,7 +63,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora_pipeline.model import device, serving
+    from lora_pipeline.model import device, packed_linear, serving
     from lora_pipeline.model.precision import autocast, resolve_precision
     from steps import download_snapshot, finetune
 
@@ -95,7 +97,7 @@ def main() -> None:
                             LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha,
                                        target_modules=a.target_modules.split(","),
                                        task_type="CAUSAL_LM")).merge_and_unload().eval()
-    gen_models = {"fp32": merged, "bf16": serving.bf16_linear_copy(merged)}
+    gen_models = {"fp32": packed_linear.packed_linear_copy(merged), "bf16": serving.bf16_linear_copy(merged)}
 
     def gen(precision: str) -> None:
         serving.generate(gen_models[precision], tok, sentences, max_new_tokens=opts.max_new_tokens,

@@ -451,28 +451,35 @@ def verify_artifacts(paths: dict[str, Any], model: str = "the model") -> None:
     log.info("verified %d model files against %s", checked, names.ARTIFACT_DIGESTS)
 
 
-_BF16_COPY_LOCK = threading.Lock()
+_COPY_LOCK = threading.Lock()
 
 
 class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
     _bf16_model = None  # made on the first bf16 generation (bf16_linear_copy)
+    _fp32_model = None  # made on the first fp32 generation (packed_linear.packed_linear_copy)
     task = None  # the Task the model was trained for (load_context; None: e2e as always)
     system_prompt: str | None = None
     config = requests.ServingConfig()  # the model config (set by load_context)
     context_length: int | None = None  # the model's, in tokens (prompt + answer); None: unknown
 
     def generation_model(self, precision: str = DEFAULT_PRECISION):
-        """The module `generate` runs for `precision`: the fp32 model, or its bf16-weight copy."""
+        """The module `generate` runs for `precision`: in bf16 the model's bf16-weight copy; in fp32
+        its copy with MKL-packed Linear weights where that is supported (a CPU; see
+        lora_pipeline/model/packed_linear.py), else the model itself."""
+        from lora_pipeline.model.packed_linear import packed_linear_copy
         from lora_pipeline.model.precision import resolve_precision
 
-        if resolve_precision(_precision(precision), self.model.device.type) != "bf16":
+        resolved = resolve_precision(_precision(precision), self.model.device.type)
+        if resolved not in ("bf16", "fp32"):
             return self.model
-        with _BF16_COPY_LOCK:  # concurrent unbatched requests would each make a copy
-            if self._bf16_model is None:
+        with _COPY_LOCK:  # concurrent unbatched requests would each make a copy
+            if resolved == "bf16" and self._bf16_model is None:
                 self._bf16_model = bf16_linear_copy(self.model)
-        return self._bf16_model
+            if resolved == "fp32" and self._fp32_model is None:
+                self._fp32_model = packed_linear_copy(self.model)
+        return self._bf16_model if resolved == "bf16" else self._fp32_model
 
     _batcher = None  # cross-request batching (made by load_context when the config turns it on)
     _widened = False  # whether the first batched request has asked the scoring server for more threads
@@ -480,7 +487,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from lora_pipeline.model import param_guard
         from lora_pipeline.model.batching import Batcher
-        self._bf16_model = None  # a copy of an earlier load's weights must never serve this one
+        self._bf16_model = self._fp32_model = None  # a copy of an earlier load's weights must never serve this one
         # Decided now, on the machine that loads the model (before the weights: a bad setting
         # fails in a second).
         options = _LOAD_OPTIONS.get() or LoadOptions.from_env()
@@ -508,7 +515,9 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         return self.task.name if self.task is not None else "e2e"
 
     def _warm_up(self) -> None:
-        """One token for one sentence, here in the loading thread. The first forward pass of a process
+        """One token for one sentence, here in the loading thread, on the module a request at the
+        default precision generates with (`generation_model`: its bf16 or packed copy is made now,
+        not by the first request). The first forward pass of a process
         pays one-off set-up (3 s on the default base on a busy 2-core machine); paid by the first request
         instead, in the batcher's thread while the other requests' threads prepare theirs, it took 30-50 s
         (measured with 8 concurrent clients on a 2-core AMD EPYC, where a batch of 8 then took 6-8 s;
@@ -516,11 +525,14 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
         import torch
 
         from lora_pipeline.model.decoding import greedy_decode, left_padded
+        from lora_pipeline.model.precision import autocast
 
         ids, mask = left_padded(encode_prompts(self.tokenizer, [INPUT_EXAMPLE_SENTENCE], self.task,
                                                self.system_prompt), self.tokenizer.pad_token_id)
-        with torch.inference_mode():
-            greedy_decode(self.model, ids.to(self.model.device), mask.to(self.model.device), max_new_tokens=1, eos_token_ids=[self.tokenizer.eos_token_id])
+        model = self.generation_model()
+        with torch.inference_mode(), autocast(model, DEFAULT_PRECISION, self.model.device.type):
+            greedy_decode(model, ids.to(self.model.device), mask.to(self.model.device), max_new_tokens=1,
+                          eos_token_ids=[self.tokenizer.eos_token_id])
 
     def _load_weights(self, arts: dict[str, str], options: LoadOptions | None = None) -> None:
         options = options or LoadOptions(dtype="fp32")

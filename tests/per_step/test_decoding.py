@@ -11,7 +11,7 @@ import torch
 from test_serving import SENTENCES
 from transformers import GenerationConfig
 
-from lora_pipeline.model import decoding, serving
+from lora_pipeline.model import decoding, packed_linear, serving
 from lora_pipeline.model.decoding import (
     MIN_SHARED_PREFIX,
     fill_holes,
@@ -87,15 +87,26 @@ def test_rows_leave_the_batch_at_their_end_and_tokens_are_those_of_generate(shar
     assert len(decode) == max(map(len, expected))
 
 
-def test_served_generate_answers_as_plain_transformers_in_fp32(sharp):
-    """`serving.generate` (length buckets, greedy_decode) against hand-written plain batched generate."""
+@pytest.mark.parametrize("packed", [False, True], ids=["as-loaded", "mkl-packed"])
+def test_served_generate_answers_as_plain_transformers_in_fp32(sharp, packed):
+    """`serving.generate` (length buckets, greedy_decode) against hand-written plain batched generate,
+    on the model as loaded and on the copy the served model generates with in fp32 (its Linear
+    weights packed for MKL: lora_pipeline/model/packed_linear.py)."""
     model, tok = sharp
     plain = [t.strip() for t in tok.batch_decode(plain_generate(model, tok, SENTENCES, eos=tok.eos_token_id),
                                                  skip_special_tokens=True)]
-    for batch_size in (3, 8):
-        assert serving.generate(model, tok, SENTENCES, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
-                                precision="fp32") == plain
+    if packed:
+        if not packed_linear.supported():
+            pytest.skip("this PyTorch build cannot pack Linear weights for MKL")
+        model = packed_linear.packed_linear_copy(model)
+        assert model is not sharp[0]
+    with torch.profiler.profile() as prof:
+        got = {batch_size: serving.generate(model, tok, SENTENCES, max_new_tokens=MAX_NEW_TOKENS,
+                                            batch_size=batch_size, precision="fp32") for batch_size in (3, 8)}
+    assert got == {3: plain, 8: plain}
     assert len(set(plain)) == len(SENTENCES)  # distinct answers: a mix-up of rows would show
+    # The packed copy really computes with its packs (MKL's op), the model as loaded never does.
+    assert ("mkl::_mkl_linear" in {e.key for e in prof.key_averages()}) is packed
 
 
 def test_zero_rows_and_zero_tokens():

@@ -22,7 +22,7 @@ import pytest
 from lora_pipeline import artifacts
 from lora_pipeline.base.manifest import load_manifest
 from lora_pipeline.errors import StepError
-from lora_pipeline.model import serving
+from lora_pipeline.model import packed_linear, serving
 from steps import download_snapshot as ds
 
 from conftest import ROOT
@@ -326,8 +326,15 @@ def test_precision_param_runs_generation_under_autocast_and_keeps_fp32_weights(
     inner = extractor.model
     ids = token_ids(sharp_model_dir)
     before = logits(inner, ids)
-    fast = extractor.generation_model("bf16")
-    assert extractor.generation_model("fp32") is inner and extractor.generation_model("bf16") is fast
+    fast, packed = extractor.generation_model("bf16"), extractor.generation_model("fp32")
+    assert extractor.generation_model("fp32") is packed and extractor.generation_model("bf16") is fast
+    # fp32: a copy whose Linear layers compute with MKL-packed weights, every tensor shared with the
+    # model (lora_pipeline/model/packed_linear.py); the model itself where packing is unsupported.
+    if packed_linear.supported():
+        assert packed is not inner
+        assert [p.data_ptr() for p in packed.parameters()] == [p.data_ptr() for p in inner.parameters()]
+    else:
+        assert packed is inner
     # The bf16 copy: Linear weights in bf16, everything else shared with the fp32 model (no copy).
     linear = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
@@ -341,7 +348,7 @@ def test_precision_param_runs_generation_under_autocast_and_keeps_fp32_weights(
 
     seen: dict[str, list[bool]] = {"fp32": [], "bf16": []}
     hooks = [model.register_forward_hook(lambda *_, key=key: seen[key].append(torch.is_autocast_enabled("cpu")))
-             for key, model in (("fp32", inner), ("bf16", fast))]
+             for key, model in (("fp32", packed), ("bf16", fast))]
     df = pd.DataFrame({"prompt": SENTENCES})
     outs = {p: loaded.predict(df, params={"max_new_tokens": 12, "precision": p}) for p in ("fp32", "bf16")}
     for hook in hooks:

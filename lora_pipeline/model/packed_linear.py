@@ -1,0 +1,144 @@
+"""fp32 Linear layers whose weights are packed ahead for MKL's sgemm: generation on a CPU.
+
+Why: `torch.nn.functional.linear` on a CPU calls MKL's sgemm, which re-packs the weight matrix into
+its kernel's blocked layout at every call. A decoder step is a few dozen rows against every weight
+of the model, so at batch sizes like 8-32 that packing is a large part of each matmul. MKL can pack a
+weight once (`cblas_sgemm_pack`) and compute against the packed copy at every later call; PyTorch
+exposes that as `torch.ops.mkl._mkl_reorder_linear_weight` / `torch.ops.mkl._mkl_linear`, the ops
+Inductor's weight freezing emits for fp32 Linear layers on a CPU.
+
+Measured (Intel Xeon without AMX, 2 threads, scratch script; the 211 Linear shapes of the default
+base, 30 layers x 7 + the 49,152 x 576 LM head, one decoder step, weights cycling through memory as
+in the model; median of 5, two passes): 32 rows 79-93 ms with `F.linear` against 67-70 ms packed,
+16 rows 69-70 ms against 51-54 ms, 8 rows 59-62 ms against 39 ms, 4 rows 44-49 ms against 31-32 ms.
+`greedy_decode` on the evaluation benchmark's 32 prompts (fp32, 7 runs alternating, medians of runs
+2-7): 7.71 s with the model as loaded, 7.19 s packed, the same tokens for all 32 rows.
+The evaluation benchmark (bench/bench_eval_throughput.py) has the end-to-end figures.
+
+Same numbers: at 16 rows or more the packed product equals `F.linear`'s bit for bit (the same MKL
+kernel; checked for every shape of the default base at 16-32 rows); below 16 MKL picks another
+kernel and a value can differ in its last bits, as it can between two batch widths of `F.linear`.
+The tests compare generated tokens with plain `model.generate`.
+
+A pack is made once per weight with a batch-size hint of 32 and used at every row count: its size
+does not depend on the hint, and at 2-40 rows its products equal those of a pack made for the call's
+own row count, bit for bit (at 1 row they differ in the last bits; both agree with a float64 product
+to fp32 rounding). That is MKL behaviour PyTorch does not promise, so `supported()` checks it on this
+machine (1-33 rows against a float64 product) before anything is packed, and
+tests/unit/test_packed_linear.py fails if the ops change. Where the check fails, MKL is missing, the
+model is not fp32 on a CPU, or memory is short, the model is used as it is.
+
+Memory: the packed weights are a second copy of the Linear weights (538 MB on the default base:
+the LM head is tied to the embeddings, packed separately); `packed_linear_copy` packs only when
+that fits in half of the memory the system has available.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Batch-size hint given to MKL when packing (see the module docstring: any hint gives the same pack).
+PACK_HINT_ROWS = 32
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether this PyTorch build and CPU can pack Linear weights for MKL and compute with one pack
+    at any row count: the ops exist, and a packed product matches a float64 product at 1-33 rows."""
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        pack, linear = torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(96, 80, generator=gen)
+        packed = pack(weight, PACK_HINT_ROWS)
+        for rows in (1, 5, 16, 33):
+            x = torch.randn(rows, 80, generator=gen)
+            want = (x.double() @ weight.double().T).float()
+            if not torch.allclose(linear(x, packed, weight, None, rows), want, rtol=1e-4, atol=1e-4):
+                log.warning("MKL's packed sgemm disagrees with a float64 product at %d rows: Linear "
+                            "weights are not packed", rows)
+                return False
+    except (AttributeError, RuntimeError) as e:  # ops removed or renamed upstream
+        log.warning("MKL weight packing is unavailable (%s): Linear weights are not packed", e)
+        return False
+    return True
+
+
+def _available_bytes() -> int | None:
+    """Memory the system has available (Linux), or None where it cannot tell."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _linear_class():
+    """`torch.nn.Linear` computing with a packed weight (made on first use: torch imports lazily)."""
+    global _PACKED_LINEAR
+    if _PACKED_LINEAR is not None:
+        return _PACKED_LINEAR
+    import torch
+
+    class PackedLinear(torch.nn.Linear):
+        """A Linear layer with `packed`, its weight in MKL's layout; the fp32 weight stays (shared
+        with the model it came from) for anything but a plain fp32 forward pass."""
+
+        packed = None
+
+        def forward(self, x):
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if (self.packed is None or rows == 0 or x.dtype != torch.float32 or torch.is_grad_enabled()
+                    or torch.is_autocast_enabled("cpu")):
+                return super().forward(x)
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
+
+    _PACKED_LINEAR = PackedLinear
+    return PackedLinear
+
+
+_PACKED_LINEAR = None
+
+
+def _packable(module) -> bool:
+    import torch
+
+    return (isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu")
+
+
+def packed_linear_copy(model):
+    """`model` with every fp32 CPU Linear layer computing with an MKL-packed weight, sharing all
+    tensors with `model`; or `model` itself where packing is not supported or memory is short (see
+    the module docstring). For inference: with grad enabled or under autocast a layer computes as
+    `torch.nn.Linear` does."""
+    import copy
+
+    import torch
+
+    linears = [m for m in model.modules() if _packable(m)]
+    if not linears or not supported():
+        return model
+    extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    available = _available_bytes()
+    if available is not None and extra > available // 2:
+        log.info("not packing Linear weights for MKL: %.0f MB more than half of the %.0f MB available",
+                 extra / 1e6, available / 1e6)
+        return model
+    # Share every existing tensor: the copy gets new modules, not new weights.
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    fast = copy.deepcopy(model, memo)
+    cls = _linear_class()
+    with torch.no_grad():
+        for module in fast.modules():
+            if _packable(module):
+                module.__class__ = cls
+                module.packed = torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), PACK_HINT_ROWS)
+    log.info("packed %d Linear weights for MKL (%.0f MB)", len(linears), extra / 1e6)
+    return fast.eval()
