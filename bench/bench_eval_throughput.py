@@ -13,9 +13,11 @@ Same model weights, same chat-formatted prompts, same batch size, same greedy de
     `torch_dtype=bfloat16` for bf16 (MLflow's way to ask for bf16), loaded with
     `mlflow.pyfunc.load_model`, `predict` on the prompts (only `pip_requirements` given besides:
     requirement inference crashes on this stack).
+  * in fp32 where the served model packs its Linear weights for MKL (a CPU), also ours on its
+    weights as loaded (`F.linear`), to show what the packing brings.
 Prints and writes (bench/results/eval_throughput.json, with command, commit and machine) seconds,
-sentences/s and generated tokens/s of each, the ratios ours / plain and ours / mlflow.transformers,
-and how many answers parse to the same MR as plain transformers'.
+sentences/s and generated tokens/s of each, the ratios ours / plain and ours / mlflow.transformers
+(and ours / ours as loaded), and how many answers parse to the same MR as plain transformers'.
 The figure that matters is on a fine-tuned adapter (what evaluate_checkpoint evaluates: short
 answers that end); the default, a fresh adapter with finetune's config, leaves the base's answers
 (mostly as long as max_new_tokens allows).
@@ -67,6 +69,10 @@ def _fresh_adapter(base_dir: Path, out: Path) -> Path:
                                     target_modules=a.target_modules.split(","),
                                     task_type="CAUSAL_LM")).save_pretrained(out)
     return out
+
+
+# The side that times the served model without its packed Linear weights (fp32 on a CPU).
+UNPACKED = "ours, weights as loaded"
 
 
 def _alternated(sides: dict, repeats: int) -> dict:
@@ -161,7 +167,8 @@ def main() -> None:
                                      with_input_example=False)
     ours_model = mlflow.pyfunc.load_model(log_reference.run(log_reference.Args(
         checkpoint_uri=artifacts.model_uri(ckpt.model_id))).model_uri, model_config={"batching": False})
-    tok = ours_model.unwrap_python_model().tokenizer
+    extractor = ours_model.unwrap_python_model()
+    tok = extractor.tokenizer
     prompts = [format_prompt(tok, s) for s in sentences]
     merged = serving.apply_adapter(serving.load_causal_lm(base_dir), adapter)  # the same weights as ours
     pipe_tok = serving.load_tokenizer(base_dir)  # left padding, pad token set
@@ -196,6 +203,18 @@ def main() -> None:
             "plain transformers": lambda p=precision: plain_generate(merged, pipe_tok, prompts, bs, mnt, p),
             "mlflow.transformers": mt_answers,
         }
+        packed = extractor.generation_model(precision)
+        if precision == "fp32" and packed is not extractor.model:
+            # What the packed Linear weights (lora_pipeline/model/packed_linear.py) bring: the same
+            # served model generating on its weights as loaded (F.linear), timed alongside.
+            def unpacked(p=params, packed=packed) -> list[str]:
+                extractor._fp32_model = extractor.model
+                try:
+                    return [str(x) for x in ours_model.predict(df, params=p)["mr"]]
+                finally:
+                    extractor._fp32_model = packed
+
+            sides[UNPACKED] = unpacked
         # Warm-up of each side on every prompt, 2 new tokens (first-call set-up is not generation
         # speed). On all the prompts, not a few: the first pass at a batch's full size also pays the
         # process's first large allocations (glibc returns big freed blocks to the system until its
@@ -219,6 +238,9 @@ def main() -> None:
         row["ours_vs_plain"] = record.spread([b / o for b, o in zip(timed["plain transformers"][0], ours_s, strict=True)])
         row["ours_vs_mlflow_transformers"] = record.spread(
             [b / o for b, o in zip(timed["mlflow.transformers"][0], ours_s, strict=True)])
+        if UNPACKED in timed:
+            row["packed_vs_unpacked"] = record.spread(
+                [u / o for u, o in zip(timed[UNPACKED][0], ours_s, strict=True)])
         rows.append(row)
         same = f"{row['ours']['same_mr_as_plain']}/{n} answers parse to plain's MR"
         for key, label in (("ours_vs_plain", "hand-written batched transformers `generate`"),
@@ -231,15 +253,30 @@ def main() -> None:
                 "goal": ">= 1.5x",
                 "measured": f"{record.fmt_spread(r, 2, 'x')}{noise} (ours {row['ours']['seconds']['median']:.1f} s; "
                             f"{same})"})
+        if UNPACKED in timed:
+            r = row["packed_vs_unpacked"]
+            noise = "; inside the noise" if record.within_noise(r, 1.0) else ""
+            table.append({
+                "figure": f"P3 evaluation throughput, {precision}: ours / ours on its weights as loaded "
+                          f"(`F.linear`; the packed Linear weights' share, same run)",
+                "goal": "> 1x (kept only if faster)",
+                "measured": f"{record.fmt_spread(r, 2, 'x')}{noise} (ours {row['ours']['seconds']['median']:.1f} s, "
+                            f"as loaded {row[UNPACKED]['seconds']['median']:.1f} s; as loaded: "
+                            f"{row[UNPACKED]['same_mr_as_plain']}/{n} answers parse to plain's MR)"})
 
     print(f"\n{'precision':<10}{'side':<22}{'median s':>9}{'sent/s':>8}{'tok/s':>8}{'same MR':>9}")
     for row in rows:
-        for name in ("ours", "plain transformers", "mlflow.transformers"):
+        for name in ("ours", UNPACKED, "plain transformers", "mlflow.transformers"):
+            if name not in row:
+                continue
             r = row[name]
             print(f"{row['precision']:<10}{name:<22}{r['seconds']['median']:>9.2f}{r['sentences_per_s']:>8.2f}"
                   f"{r['tokens_per_s']:>8.1f}{r['same_mr_as_plain']:>6}/{n}")
         print(f"{row['precision']:<10}speed-up: {record.fmt_spread(row['ours_vs_plain'], 2, 'x')} plain "
               f"transformers, {record.fmt_spread(row['ours_vs_mlflow_transformers'], 2, 'x')} mlflow.transformers")
+        if "packed_vs_unpacked" in row:
+            print(f"{row['precision']:<10}packed Linear weights: {record.fmt_spread(row['packed_vs_unpacked'], 2, 'x')} "
+                  "the same served model on its weights as loaded")
     record.write("eval_throughput", figures={
         # The base by its content (the temporary store's run URI would mean nothing later).
         "base": {"source": manifest.source, "architecture": manifest.architecture,
