@@ -30,7 +30,8 @@ model is not fp32 on a CPU, or memory is short, the model is used as it is.
 
 Memory: the packed weights are a second copy of the Linear weights (538 MB on the default base:
 the LM head is tied to the embeddings, packed separately); `packed_linear_copy` packs only when
-that fits in half of the memory the system has available.
+that fits in half of the memory the system has available, and not at all with
+`E2E_LORA_PACK_LINEAR=0`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
+
+# Set to 0 to generate on the weights as loaded (memory, or a comparison: bench/load_test.py).
+ENV_OFF = "E2E_LORA_PACK_LINEAR"
 
 # Batch-size hint given to MKL when packing (see the module docstring: any hint gives the same pack).
 PACK_HINT_ROWS = 32
@@ -123,6 +127,9 @@ def packed_linear_copy(model):
     import torch
 
     linears = [m for m in model.modules() if _packable(m)]
+    if os.environ.get(ENV_OFF, "1") == "0":
+        log.info("not packing Linear weights for MKL: %s=0", ENV_OFF)
+        return model
     if not linears or not supported():
         return model
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)

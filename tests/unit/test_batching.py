@@ -170,3 +170,26 @@ def test_the_window_is_a_tenth_of_the_previous_batch_at_most_max_wait():
     t0 = time.monotonic()
     batcher.submit("k", [2])  # a lone request now waits ~30 ms, not 2 s
     assert time.monotonic() - t0 < 0.3 + 0.5
+
+
+def test_clients_split_into_two_groups_are_gathered_into_one_batch_again():
+    # Clients 4-7 start while the first batch (clients 0-3) runs, so their requests wait, queued,
+    # for the next. That batch must also wait for clients 0-3 to come back (queued 4 + answered 4),
+    # not close at 4 rows because the previous batch had 4: that kept the groups apart for good.
+    run = Recorder(delay=0.5)
+    batcher = Batcher(run, max_rows=16, max_wait_s=0.5)
+    barrier = threading.Barrier(8)
+
+    def client(n: int) -> None:
+        barrier.wait()
+        if n >= 4:
+            time.sleep(0.7)  # the first batch closed its 0.5 s window at 4 rows and runs
+        for r in range(4):
+            assert batcher.submit("k", [(n, r)]) == [("k", (n, r))]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert batcher.sizes == [4, 8, 8, 8, 4]

@@ -67,6 +67,14 @@ def test_model_left_as_it_is_when_packing_cannot_help_or_fit(monkeypatch, caplog
     with caplog.at_level(logging.INFO, logger=packed_linear.__name__):
         assert packed_linear.packed_linear_copy(model) is model
     assert "not packing Linear weights for MKL: 0 MB more than half of the 0 MB available" in caplog.text
+    # Turned off by its environment variable.
+    monkeypatch.setattr(packed_linear, "_available_bytes", lambda: None)
+    monkeypatch.setenv(packed_linear.ENV_OFF, "0")
+    with caplog.at_level(logging.INFO, logger=packed_linear.__name__):
+        assert packed_linear.packed_linear_copy(model) is model
+    assert "not packing Linear weights for MKL: E2E_LORA_PACK_LINEAR=0" in caplog.text
+    monkeypatch.setenv(packed_linear.ENV_OFF, "1")
+    assert packed_linear.packed_linear_copy(model) is not model
     # Ops missing or wrong on this build.
     monkeypatch.setattr(packed_linear, "supported", lambda: False)
     monkeypatch.setattr(packed_linear, "_available_bytes", lambda: None)
