@@ -476,3 +476,45 @@ def test_requirements_are_pinned_not_inferred(tracking, tiny_model_dir, adapter_
     names = {r.split("==")[0] for r in reqs}
     assert {"mlflow", "torch", "transformers", "peft"} <= names
     assert all("==" in r for r in reqs), reqs
+
+
+def test_in_passing_thread_runs_elsewhere_with_this_context_and_raises_here():
+    """Loading runs in a thread that ends (serving.in_passing_thread: libgomp keeps a worker pool per
+    thread that ran parallel ops, and more pools than CPUs slow every op of the generating thread)."""
+    import contextvars
+    import threading
+
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("caller's")
+    seen = {}
+
+    def body():
+        seen["thread"], seen["var"] = threading.current_thread(), var.get()
+
+    serving.in_passing_thread(body)
+    assert seen["thread"] is not threading.current_thread() and not seen["thread"].is_alive()
+    assert seen["var"] == "caller's"
+
+    def fail():
+        raise StepError("digest mismatch for adapter/x")
+
+    with pytest.raises(StepError, match=r"^digest mismatch for adapter/x$"):
+        serving.in_passing_thread(fail)
+
+
+def test_load_context_loads_and_warms_up_in_a_passing_thread(tracking, tiny_model_dir, adapter_dir, monkeypatch):
+    import threading
+
+    threads = {}
+    for name in ("_load_weights", "_warm_up"):
+        original = getattr(serving.E2EExtractor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            threads[_name] = threading.current_thread()
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(serving.E2EExtractor, name, spy)
+    loaded = mlflow.pyfunc.load_model(log_checkpoint(snapshot(str(tiny_model_dir)), adapter_dir))
+    assert threads["_load_weights"] is threads["_warm_up"] is not threading.current_thread()
+    assert not threads["_load_weights"].is_alive()
+    assert loaded.unwrap_python_model().model is not None
