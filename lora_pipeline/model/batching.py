@@ -110,8 +110,8 @@ class Batcher:
         Why queued + previous, not the previous batch's rows alone: clients split into two groups
         (some came in while a batch ran) would stay split, each batch closing as soon as the other
         group's requests, already queued, matched the last batch's size; the group just answered
-        came back tens of ms later, into the batch after. Measured with bench/load_test.py (8 clients,
-        one sentence each, fp32 on a 2-core Xeon without AMX): 0.50-0.56x the in-process sentences/s."""
+        came back tens of ms later, into the batch after (tests/unit/test_batching.py makes that
+        case; its share of the served throughput was not measured apart)."""
         key = pending[0].key
         # The window opens when the job arrived or, for one that waited through the previous batch,
         # when that batch ended: its clients come back only then.
