@@ -467,20 +467,11 @@ def in_passing_thread(fn) -> None:
     (fp32, 8 sentences, <= 48 new tokens, 2-core Xeon without AMX): 6.3-6.9 s in a second thread after
     loading in the main one, 3.3-4.1 s in the main thread, 3.3-3.9 s in a second thread after loading
     in a passing one."""
-    ctx = contextvars.copy_context()
-    failure: list[BaseException] = []
+    from concurrent.futures import ThreadPoolExecutor
 
-    def target() -> None:
-        try:
-            ctx.run(fn)
-        except BaseException as e:  # noqa: BLE001 (raised again in the caller's thread)
-            failure.append(e)
-
-    thread = threading.Thread(target=target, name="e2e-load")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+    # Leaving the block joins the thread, whether `result()` returned or raised.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-load") as pool:
+        pool.submit(contextvars.copy_context().run, fn).result()
 
 
 class E2EExtractor(mlflow.pyfunc.PythonModel):
