@@ -46,14 +46,18 @@ SHARED_E2E = ROOT.parent / "shared" / "e2e" / "devset-cleaned.csv"
 SAMPLE = ROOT / "data" / "sample.csv"
 
 
-def _sentences(path: Path, n: int) -> list[str]:
+def eval_rows(path: Path, n: int):
+    """`n` rows (mr, ref) of a CSV: one sentence per MR, spread over the file (varied lengths and slot
+    counts)."""
     import pandas as pd
 
-    df = pd.read_csv(path)
-    # One sentence per MR, spread over the file: varied lengths and slot counts.
-    df = df.drop_duplicates("mr")
+    df = pd.read_csv(path).drop_duplicates("mr")
     step = max(1, len(df) // n)
-    return df["ref"].iloc[::step].head(n).tolist()
+    return df.iloc[::step].head(n).reset_index(drop=True)
+
+
+def _sentences(path: Path, n: int) -> list[str]:
+    return eval_rows(path, n)["ref"].tolist()
 
 
 def _fresh_adapter(base_dir: Path, out: Path) -> Path:

@@ -31,7 +31,11 @@ model is not fp32 on a CPU, or memory is short, the model is used as it is.
 Memory: the packed weights are a second copy of the Linear weights (538 MB on the default base:
 the LM head is tied to the embeddings, packed separately); `packed_linear_copy` packs only when
 that fits in half of the memory the system has available, and not at all with
-`E2E_LORA_PACK_LINEAR=0`.
+`E2E_LORA_PACK_LINEAR=0`. Processes that load the model side by side (batch_score's Spark Python
+workers: one per task slot) each see the memory available before the others have packed, so their
+launcher sets `E2E_LORA_PACK_PROCESSES` to how many there are on a machine and each takes its share
+of that half: with 8 GB available and 4 workers, a worker packs only if its packs fit in
+8 GB / 2 / 4 = 1 GB.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ log = logging.getLogger(__name__)
 
 # Set to 0 to generate on the weights as loaded (memory, or a comparison: bench/load_test.py).
 ENV_OFF = "E2E_LORA_PACK_LINEAR"
+
+# How many processes on this machine may pack at once (set by whoever starts them side by side:
+# lora_pipeline/scoring/model.py for Spark workers); each packs within its share of the budget.
+ENV_PROCESSES = "E2E_LORA_PACK_PROCESSES"
 
 # Batch-size hint given to MKL when packing (see the module docstring: any hint gives the same pack).
 PACK_HINT_ROWS = 32
@@ -81,6 +89,16 @@ def _available_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _processes() -> int:
+    """`E2E_LORA_PACK_PROCESSES` as a count of at least 1 (1 when unset or not a positive integer)."""
+    raw = os.environ.get(ENV_PROCESSES, "")
+    try:
+        return max(1, int(raw)) if raw else 1
+    except ValueError:
+        log.warning("%s=%r is not a positive integer: counting this process alone", ENV_PROCESSES, raw)
+        return 1
 
 
 def _linear_class():
@@ -133,10 +151,11 @@ def packed_linear_copy(model):
     if not linears or not supported():
         return model
     extra = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    available = _available_bytes()
-    if available is not None and extra > available // 2:
-        log.info("not packing Linear weights for MKL: %.0f MB more than half of the %.0f MB available",
-                 extra / 1e6, available / 1e6)
+    available, processes = _available_bytes(), _processes()
+    if available is not None and extra > available // (2 * processes):
+        log.info("not packing Linear weights for MKL: %.0f MB more than half of the %.0f MB available"
+                 "%s", extra / 1e6, available / 1e6,
+                 f", shared by {processes} processes ({ENV_PROCESSES})" if processes > 1 else "")
         return model
     # Share every existing tensor: the copy gets new modules, not new weights.
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}

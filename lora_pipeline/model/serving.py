@@ -422,6 +422,8 @@ def verify_artifacts(paths: dict[str, Any], model: str = "the model") -> None:
     otherwise loads silently different LoRA weights.
     """
     digest_file = paths.get(names.ARTIFACT_DIGESTS)
+    if digest_file is None and not {names.ADAPTER_ARTIFACT, names.FULL_MODEL_ARTIFACT} & set(paths):
+        return  # a base alone (evaluate_checkpoint's base side): its files are checked by its manifest
     if digest_file is None:
         log.warning("%s records no %s (logged by an older version): its adapter / full-model files "
                     "are not checked", model, names.ARTIFACT_DIGESTS)

@@ -100,11 +100,17 @@ def resolve(uri: str) -> ScoringModel:
     return model
 
 
-def worker_env(device: str) -> dict[str, str]:
+def worker_env(device: str, tasks_per_machine: int | None = None) -> dict[str, str]:
+    """The workers' environment: the driver's pipeline, Hub and tracking settings, the device, and how
+    many workers share a machine's memory (each packs its Linear weights within its share:
+    lora_pipeline/model/packed_linear.py), unless the driver's environment already says."""
     env = {k: v for k, v in os.environ.items() if k.startswith(_WORKER_ENV_PREFIXES)}
     from lora_pipeline.model.device import DEVICE_ENV
+    from lora_pipeline.model.packed_linear import ENV_PROCESSES
 
     env[DEVICE_ENV] = device
+    if tasks_per_machine and ENV_PROCESSES not in env:
+        env[ENV_PROCESSES] = str(tasks_per_machine)
     return env
 
 
@@ -114,7 +120,9 @@ def spark_udf(spark, model: ScoringModel, *, device: str, params: dict[str, Any]
     out (MLflow would drop them with a warning per batch)."""
     import mlflow
 
+    from lora_pipeline.scoring.spark import tasks_per_machine
+
     kept = {k: v for k, v in params.items() if k in model.param_names}
     return mlflow.pyfunc.spark_udf(spark, model.uri, result_type=model.result_type(),
                                    env_manager="local", params=kept or None,
-                                   extra_env=worker_env(device))
+                                   extra_env=worker_env(device, tasks_per_machine(spark)))

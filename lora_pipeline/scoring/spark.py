@@ -85,3 +85,25 @@ def session(master: str, conf: dict[str, str] | None = None):
     log.info("Spark %s on %s (parallelism %d)", spark.version, spark.conf.get("spark.master"),
              spark.sparkContext.defaultParallelism)
     return spark, True
+
+
+_LOCAL_SLOTS = re.compile(r"^local(\[(?P<n>\*|\d+)(,\d+)?\])?$")
+_LOCAL_CLUSTER = re.compile(r"^local-cluster\[(?P<workers>\d+),\s*(?P<cores>\d+),")
+
+
+def tasks_per_machine(spark) -> int | None:
+    """How many tasks (each a Python worker that loads the model) may run at once on one machine, or
+    None where the session does not say. local[N]: N (local[*]: the CPUs; local: 1); local-cluster[w,c,m]:
+    w x c, all on this machine; a cluster: spark.executor.cores when set, per executor (several
+    executors on one host are not counted); each divided by spark.task.cpus."""
+    master = spark.conf.get("spark.master", "")
+    per_task = int(spark.conf.get("spark.task.cpus", "1") or 1)
+    if m := _LOCAL_SLOTS.match(master):
+        cores = (os.cpu_count() or 1) if m["n"] == "*" else int(m["n"] or 1)
+    elif m := _LOCAL_CLUSTER.match(master):
+        cores = int(m["workers"]) * int(m["cores"])
+    elif executor := spark.conf.get("spark.executor.cores", None):
+        cores = int(executor)
+    else:
+        return None
+    return max(1, cores // max(1, per_task))

@@ -306,6 +306,43 @@ def test_a_model_that_fails_in_the_workers_is_one_line_and_publishes_nothing(spa
     assert run.info.status == "FAILED"
 
 
+_ENV_MODEL = '''
+import os
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+
+
+class Env(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return pd.DataFrame({"mr": [os.environ.get("E2E_LORA_PACK_PROCESSES", "unset")] * len(model_input)})
+
+
+mlflow.models.set_model(Env())
+'''
+
+
+def test_the_workers_know_how_many_of_them_share_the_machines_memory(spark, tracking, tmp_path, monkeypatch):
+    """local[2]: two Python workers load the model side by side, so each is told 2 (and packs its Linear
+    weights only within half its usual memory budget: tests/unit/test_packed_linear.py)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from lora_pipeline.model.packed_linear import ENV_PROCESSES
+
+    monkeypatch.delenv(ENV_PROCESSES, raising=False)
+    (tmp_path / "env.py").write_text(_ENV_MODEL)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="env", python_model=str(tmp_path / "env.py"),
+                                       signature=ModelSignature(Schema([ColSpec("string", "prompt")]),
+                                                                Schema([ColSpec("string", "mr")])))
+    make_table(4).to_parquet(tmp_path / "in.parquet")
+    bs.run(args(tmp_path / "in.parquet", tmp_path / "scored", model_uri=info.model_uri))
+    out = read_scored(tmp_path / "scored")
+    assert set(out.loc[out[table.ERROR_COLUMN].isna(), "mr"]) == {"2"}
+
+
 def test_a_json_task_model_is_refused_up_front_and_says_why(tracking, tiny_model_dir, tmp_path):
     """A json/text task model takes `prompt` or `messages`; mlflow 3.17's spark_udf cannot feed it (it
     fills the missing `messages` with NaN, then refuses its own input), so the step refuses it in one

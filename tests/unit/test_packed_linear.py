@@ -81,6 +81,27 @@ def test_model_left_as_it_is_when_packing_cannot_help_or_fit(monkeypatch, caplog
     assert packed_linear.packed_linear_copy(model) is model
 
 
+def test_processes_side_by_side_each_pack_within_their_share(monkeypatch, caplog):
+    """E2E_LORA_PACK_PROCESSES=n: each of n processes packs only within half the available memory / n
+    (the packs here: 28,416 bytes; 4 processes need 2 x 4 x 28,416 = 227,328 bytes available)."""
+    model = _mlp()
+    monkeypatch.setattr(packed_linear, "supported", lambda: True)
+    monkeypatch.setattr(packed_linear, "_available_bytes", lambda: 227_328)
+    monkeypatch.setenv(packed_linear.ENV_PROCESSES, "4")
+    assert packed_linear.packed_linear_copy(model) is not model
+    monkeypatch.setattr(packed_linear, "_available_bytes", lambda: 227_328 - 8)
+    with caplog.at_level(logging.INFO, logger=packed_linear.__name__):
+        assert packed_linear.packed_linear_copy(model) is model
+    assert "0 MB available, shared by 4 processes (E2E_LORA_PACK_PROCESSES)" in caplog.text
+    # Alone (unset), the same memory is plenty; a value that is not a count is one process, with a warning.
+    monkeypatch.delenv(packed_linear.ENV_PROCESSES)
+    assert packed_linear.packed_linear_copy(model) is not model
+    monkeypatch.setenv(packed_linear.ENV_PROCESSES, "four")
+    with caplog.at_level(logging.WARNING, logger=packed_linear.__name__):
+        assert packed_linear.packed_linear_copy(model) is not model
+    assert "E2E_LORA_PACK_PROCESSES='four' is not a positive integer: counting this process alone" in caplog.text
+
+
 def test_supported_is_false_when_the_ops_are_gone(monkeypatch, caplog):
     packed_linear.supported.cache_clear()
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
