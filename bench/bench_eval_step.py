@@ -16,7 +16,7 @@ store (sqlite) in a work folder. Prints and writes (bench/results/eval_step.json
 the ratio plain / ours per repeat (median and range) and both sides' candidate and base slot F1.
 
     flock /tmp/heavy.lock .venv/bin/python bench/bench_eval_step.py --adapter_dir <adapter/ of a
-        fine-tuned model> [--sentences 64] [--repeats 3] [--precision fp32]
+        fine-tuned model> [--sentences 200] [--repeats 3] [--precision fp32]
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> None:
     from steps.evaluate_checkpoint import Args as EvalArgs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sentences", type=int, default=64, help="evaluation rows (distinct MRs)")
+    parser.add_argument("--sentences", type=int, default=EvalArgs().max_examples,
+                        help="evaluation rows, distinct MRs (default: the step's max_examples)")
     parser.add_argument("--batch_size", type=int, default=EvalArgs().batch_size)
     parser.add_argument("--max_new_tokens", type=int, default=EvalArgs().max_new_tokens)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
