@@ -9,8 +9,8 @@ one process, on the two jobs `auto` decides for:
   * generation as `evaluate_checkpoint` runs it: `serving.generate` (greedy, `--sentences` prompts,
     batch 32, <= 64 new tokens) on the base with that adapter merged, each precision on the copy the
     served model generates with: bf16 on the bf16-Linear copy (`serving.bf16_linear_copy`), fp32 on
-    the copy with MKL-packed Linear weights where the CPU supports it
-    (`packed_linear.packed_linear_copy`).
+    the model, each with its Linear weights packed (MKL for fp32, oneDNN for bf16) where the CPU
+    supports it (`packed_linear.packed_linear_copy`).
 Each job's two precisions alternate `--repeats` times (the first untimed run of each is warm-up), and
 the speed ratio bf16 / fp32 of each repeat is quoted as median and range. The row says what `auto`
 picks on this machine and whether that is the faster precision (or a ratio inside the noise).
@@ -97,7 +97,7 @@ def main() -> None:
                             LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha,
                                        target_modules=a.target_modules.split(","),
                                        task_type="CAUSAL_LM")).merge_and_unload().eval()
-    gen_models = {"fp32": packed_linear.packed_linear_copy(merged), "bf16": serving.bf16_linear_copy(merged)}
+    gen_models = {"fp32": packed_linear.packed_linear_copy(merged), "bf16": packed_linear.packed_linear_copy(serving.bf16_linear_copy(merged))}
 
     def gen(precision: str) -> None:
         serving.generate(gen_models[precision], tok, sentences, max_new_tokens=opts.max_new_tokens,

@@ -479,7 +479,7 @@ def in_passing_thread(fn) -> None:
 class E2EExtractor(mlflow.pyfunc.PythonModel):
     """Sentence -> E2E MR. Loads the pinned base (verified) plus adapter or full checkpoint."""
 
-    _bf16_model = None  # made on the first bf16 generation (bf16_linear_copy)
+    _bf16_model = None  # made on the first bf16 generation (bf16_linear_copy, then packed)
     _fp32_model = None  # made on the first fp32 generation (packed_linear.packed_linear_copy)
     task = None  # the Task the model was trained for (load_context; None: e2e as always)
     system_prompt: str | None = None
@@ -487,9 +487,9 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
     context_length: int | None = None  # the model's, in tokens (prompt + answer); None: unknown
 
     def generation_model(self, precision: str = DEFAULT_PRECISION):
-        """The module `generate` runs for `precision`: in bf16 the model's bf16-weight copy; in fp32
-        its copy with MKL-packed Linear weights where that is supported (a CPU; see
-        lora_pipeline/model/packed_linear.py), else the model itself."""
+        """The module `generate` runs for `precision`: in bf16 the model's bf16-weight copy, in fp32
+        the model; on a CPU either with its Linear weights packed once (MKL for fp32, oneDNN for bf16)
+        where that is supported (lora_pipeline/model/packed_linear.py)."""
         from lora_pipeline.model.packed_linear import packed_linear_copy
         from lora_pipeline.model.precision import resolve_precision
 
@@ -498,7 +498,7 @@ class E2EExtractor(mlflow.pyfunc.PythonModel):
             return self.model
         with _COPY_LOCK:  # concurrent unbatched requests would each make a copy
             if resolved == "bf16" and self._bf16_model is None:
-                self._bf16_model = bf16_linear_copy(self.model)
+                self._bf16_model = packed_linear_copy(bf16_linear_copy(self.model))
             if resolved == "fp32" and self._fp32_model is None:
                 self._fp32_model = packed_linear_copy(self.model)
         return self._bf16_model if resolved == "bf16" else self._fp32_model

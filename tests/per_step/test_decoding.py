@@ -87,6 +87,25 @@ def test_rows_leave_the_batch_at_their_end_and_tokens_are_those_of_generate(shar
     assert len(decode) == max(map(len, expected))
 
 
+def test_served_generate_in_bf16_answers_the_same_on_onednn_packed_weights(sharp):
+    """The served model's bf16 copy with its Linear weights packed for oneDNN (what
+    `generation_model("bf16")` returns on a CPU) answers as the unpacked bf16 copy does, and runs the
+    packed op."""
+    model, tok = sharp
+    if not packed_linear.supported_bf16():
+        pytest.skip("this PyTorch build cannot pack bf16 Linear weights for oneDNN")
+    bf16 = serving.bf16_linear_copy(model)
+    packed = packed_linear.packed_linear_copy(bf16)
+    assert packed is not bf16
+    want = serving.generate(bf16, tok, SENTENCES, max_new_tokens=MAX_NEW_TOKENS, batch_size=8, precision="bf16")
+    with torch.profiler.profile() as prof:
+        got = {batch_size: serving.generate(packed, tok, SENTENCES, max_new_tokens=MAX_NEW_TOKENS,
+                                            batch_size=batch_size, precision="bf16") for batch_size in (3, 8)}
+    assert got == {3: want, 8: want}
+    assert len(set(want)) > 1
+    assert "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["as-loaded", "mkl-packed"])
 def test_served_generate_answers_as_plain_transformers_in_fp32(sharp, packed):
     """`serving.generate` (length buckets, greedy_decode) against hand-written plain batched generate,

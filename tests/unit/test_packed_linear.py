@@ -1,8 +1,9 @@
-"""MKL-packed Linear weights (lora_pipeline/model/packed_linear.py): the PyTorch ops it relies on,
-the assumption that one pack serves every row count, and when it leaves a model as it is.
+"""Packed Linear weights (lora_pipeline/model/packed_linear.py): the PyTorch ops it relies on, the
+assumption that one pack serves every row count, and when it leaves a model as it is.
 
 These fail when PyTorch changes or drops `torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear`
-(internal ops, the ones Inductor's weight freezing emits) on a build with MKL."""
+(fp32) or `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise` (bf16): internal ops, the
+ones Inductor's weight freezing emits, on a build with MKL / oneDNN."""
 
 from __future__ import annotations
 
@@ -55,10 +56,38 @@ def test_copy_shares_every_tensor_and_computes_with_its_packs():
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
+needs_mkldnn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+@needs_mkldnn
+def test_a_bf16_copy_computes_with_onednn_packs_bit_for_bit():
+    """The served model's bf16 copy (bf16 Linear weights, run under bf16 autocast) packed for oneDNN:
+    the same numbers as `F.linear`, bit for bit, under autocast (fp32 input) and on bf16 input, at 1 to
+    40 rows; oneDNN's packed op runs; with grad enabled a layer is a plain Linear."""
+    assert packed_linear.supported_bf16()
+    model = _mlp().to(torch.bfloat16)
+    fast = packed_linear.packed_linear_copy(model)
+    assert fast is not model and fast[0].packed is not None
+    assert [p.data_ptr() for p in fast.parameters()] == [p.data_ptr() for p in model.parameters()]
+    for rows in (1, 7, 16, 40):
+        x = torch.randn(rows, 64)
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, want = fast(x), model(x)
+            got_bf16, want_bf16 = fast(x.to(torch.bfloat16)), model(x.to(torch.bfloat16))
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(got_bf16, want_bf16)
+        assert {e.key: e.count for e in prof.key_averages()}.get("mkldnn::_linear_pointwise") == 4
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.profiler.profile() as prof:
+        fast(x).float().sum().backward()
+    assert "mkldnn::_linear_pointwise" not in {e.key for e in prof.key_averages()}
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
 def test_model_left_as_it_is_when_packing_cannot_help_or_fit(monkeypatch, caplog):
     model = _mlp()
-    # Not fp32 on a CPU: nothing to pack.
-    assert packed_linear.packed_linear_copy(model.to(torch.bfloat16)) is model
+    # Neither fp32 nor bf16 on a CPU: nothing to pack.
+    assert packed_linear.packed_linear_copy(model.to(torch.float16)) is model
     model = _mlp()
     # Memory: the packs (a second copy of the Linear weights, 4 x (64 x 96 + 96 x 10) = 28,416 bytes)
     # must fit in half of what is available.
