@@ -68,30 +68,43 @@ ENV_PROCESSES = "E2E_LORA_PACK_PROCESSES"
 PACK_HINT_ROWS = 32
 
 
+def _one_pack_works(what: str, dtype_name: str, ops, agrees) -> bool:
+    """Whether packing works on this build: `ops()` gives (pack, compute(x, packed, weight, rows)),
+    and one pack (hint PACK_HINT_ROWS) gives at 1-33 rows a product that `agrees(got, x, weight)`;
+    False, with a warning naming `what`, where the ops are gone (renamed upstream) or disagree."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    try:
+        pack, compute = ops()
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(96, 80, generator=gen).to(dtype)
+        packed = pack(weight, PACK_HINT_ROWS)
+        for rows in (1, 5, 16, 33):
+            x = torch.randn(rows, 80, generator=gen).to(dtype)
+            if not agrees(compute(x, packed, weight, rows), x, weight):
+                log.warning("%s gives another product at %d rows: %s Linear weights are not packed", what,
+                            rows, dtype_name)
+                return False
+    except (AttributeError, RuntimeError) as e:  # ops removed or renamed upstream
+        log.warning("%s is unavailable (%s): %s Linear weights are not packed", what, e, dtype_name)
+        return False
+    return True
+
+
 @functools.cache
 def supported() -> bool:
-    """Whether this PyTorch build and CPU can pack Linear weights for MKL and compute with one pack
-    at any row count: the ops exist, and a packed product matches a float64 product at 1-33 rows."""
+    """Whether this PyTorch build and CPU can pack fp32 Linear weights for MKL and compute with one
+    pack at any row count: the ops exist, and a packed product matches a float64 product at 1-33 rows."""
     import torch
 
     if not torch.backends.mkl.is_available():
         return False
-    try:
-        pack, linear = torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
-        gen = torch.Generator().manual_seed(0)
-        weight = torch.randn(96, 80, generator=gen)
-        packed = pack(weight, PACK_HINT_ROWS)
-        for rows in (1, 5, 16, 33):
-            x = torch.randn(rows, 80, generator=gen)
-            want = (x.double() @ weight.double().T).float()
-            if not torch.allclose(linear(x, packed, weight, None, rows), want, rtol=1e-4, atol=1e-4):
-                log.warning("MKL's packed sgemm disagrees with a float64 product at %d rows: Linear "
-                            "weights are not packed", rows)
-                return False
-    except (AttributeError, RuntimeError) as e:  # ops removed or renamed upstream
-        log.warning("MKL weight packing is unavailable (%s): Linear weights are not packed", e)
-        return False
-    return True
+    return _one_pack_works(
+        "MKL weight packing", "float32",
+        lambda: (torch.ops.mkl._mkl_reorder_linear_weight,
+                 lambda x, packed, w, rows: torch.ops.mkl._mkl_linear(x, packed, w, None, rows)),
+        lambda got, x, w: torch.allclose(got, (x.double() @ w.double().T).float(), rtol=1e-4, atol=1e-4))
 
 
 @functools.cache
@@ -102,22 +115,11 @@ def supported_bf16() -> bool:
 
     if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return False
-    try:
-        pack, linear = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
-        gen = torch.Generator().manual_seed(0)
-        weight = torch.randn(96, 80, generator=gen).to(torch.bfloat16)
-        packed = pack(weight, PACK_HINT_ROWS)
-        for rows in (1, 5, 16, 33):
-            x = torch.randn(rows, 80, generator=gen).to(torch.bfloat16)
-            if not torch.equal(linear(x, packed, None, "none", [], ""),
-                               torch.nn.functional.linear(x, weight)):
-                log.warning("oneDNN's packed bf16 product differs from F.linear at %d rows: bf16 Linear "
-                            "weights are not packed", rows)
-                return False
-    except (AttributeError, RuntimeError) as e:  # ops removed or renamed upstream
-        log.warning("oneDNN bf16 weight packing is unavailable (%s): bf16 Linear weights are not packed", e)
-        return False
-    return True
+    return _one_pack_works(
+        "oneDNN bf16 weight packing", "bfloat16",
+        lambda: (torch.ops.mkldnn._reorder_linear_weight,
+                 lambda x, packed, w, rows: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")),
+        lambda got, x, w: torch.equal(got, torch.nn.functional.linear(x, w)))
 
 
 def _available_bytes() -> int | None:
