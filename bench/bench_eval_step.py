@@ -74,8 +74,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     work = Path(tempfile.mkdtemp(prefix="bench_eval_step."))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    os.environ.update(env)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"  # this process and both sides
+    env = dict(os.environ)
     import mlflow
     import record
 

@@ -191,13 +191,6 @@ def _pack_op(module):
     return None
 
 
-def _packable(module) -> bool:
-    import torch
-
-    return isinstance(module, torch.nn.Linear) and module.weight.device.type == "cpu" and \
-        module.weight.dtype in (torch.float32, torch.bfloat16)
-
-
 def packed_linear_copy(model):
     """`model` with every CPU Linear layer computing with a packed weight (fp32: MKL's sgemm layout;
     bf16: oneDNN's), sharing all tensors with `model`; or `model` itself where packing is not
@@ -208,8 +201,6 @@ def packed_linear_copy(model):
 
     import torch
 
-    if not any(_packable(m) for m in model.modules()):
-        return model
     if os.environ.get(ENV_OFF, "1") == "0":
         log.info("not packing Linear weights for MKL: %s=0", ENV_OFF)
         return model

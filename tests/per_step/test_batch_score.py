@@ -285,18 +285,23 @@ mlflow.models.set_model(Failing())
 '''
 
 
-def test_a_model_that_fails_in_the_workers_is_one_line_and_publishes_nothing(spark, tracking, tmp_path):
-    """The worker's own exception, not Spark's wrapper and traceback, is the one line; no output."""
+def log_code_model(code: str, name: str, tmp_path: Path):
+    """A pyfunc model logged from `code` (models from code), taking `prompt` and returning `mr`."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    from lora_pipeline.errors import StepError
-
-    (tmp_path / "failing.py").write_text(_FAILING_MODEL)
+    (tmp_path / f"{name}.py").write_text(code)
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="failing", python_model=str(tmp_path / "failing.py"),
+        return mlflow.pyfunc.log_model(name=name, python_model=str(tmp_path / f"{name}.py"),
                                        signature=ModelSignature(Schema([ColSpec("string", "prompt")]),
                                                                 Schema([ColSpec("string", "mr")])))
+
+
+def test_a_model_that_fails_in_the_workers_is_one_line_and_publishes_nothing(spark, tracking, tmp_path):
+    """The worker's own exception, not Spark's wrapper and traceback, is the one line; no output."""
+    from lora_pipeline.errors import StepError
+
+    info = log_code_model(_FAILING_MODEL, "failing", tmp_path)
     make_table(4).to_parquet(tmp_path / "in.parquet")
     with pytest.raises(StepError, match=r"^scoring into .*scored failed \(ValueError: the model broke on "
                                         r"purpose\); nothing was written there; fix: "):
@@ -326,17 +331,10 @@ mlflow.models.set_model(Env())
 def test_the_workers_know_how_many_of_them_share_the_machines_memory(spark, tracking, tmp_path, monkeypatch):
     """local[2]: two Python workers load the model side by side, so each is told 2 (and packs its Linear
     weights only within half its usual memory budget: tests/unit/test_packed_linear.py)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
     from lora_pipeline.model.packed_linear import ENV_PROCESSES
 
     monkeypatch.delenv(ENV_PROCESSES, raising=False)
-    (tmp_path / "env.py").write_text(_ENV_MODEL)
-    with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="env", python_model=str(tmp_path / "env.py"),
-                                       signature=ModelSignature(Schema([ColSpec("string", "prompt")]),
-                                                                Schema([ColSpec("string", "mr")])))
+    info = log_code_model(_ENV_MODEL, "env", tmp_path)
     make_table(4).to_parquet(tmp_path / "in.parquet")
     bs.run(args(tmp_path / "in.parquet", tmp_path / "scored", model_uri=info.model_uri))
     out = read_scored(tmp_path / "scored")
